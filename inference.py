@@ -1,0 +1,262 @@
+"""Generation (greedy / temperature / top-k / top-p) and the command-line tool.
+
+    python inference.py --model_path DIR --prompt "caption en" --image_file_path img.jpg
+
+stdout carries only the generated text; progress and diagnostics go to stderr. The generation loop follows
+gpt-fast: a preallocated KV cache addressed by tensor positions, `prefill()` (vision tower + whole prompt, logits
+for the last position only) separate from `decode_one_token()`, each row stopping on its own at EOS.
+Checked against transformers' `GenerationMixin` greedy/sampling semantics (parity tests in tests/).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, ImageOps
+
+from modeling_gemma import KVCache, PaliGemmaForConditionalGeneration
+from processing_paligemma import PaliGemmaProcessor, ProcessorError
+from utils import CheckpointError, load_hf_model
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token per row from logits (B, V) -> (B,).
+
+    Greedy (argmax) unless do_sample and temperature > 0. Sampling: divide by temperature, keep the top_k best
+    (0 = all), then the nucleus — the smallest set of best tokens whose probability sums to >= top_p — and draw
+    from what is left, renormalised.
+    """
+    logits = logits.float()
+    if not do_sample or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # A token stays if the tokens ranked above it sum to < top_p; the best token always stays.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill(
+    model: PaliGemmaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    attention_mask: torch.Tensor,
+    kv_cache: KVCache,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Run the vision tower and the whole prompt once, filling the cache; logits (B, V) for the last position."""
+    input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    out = model(input_ids, pixel_values, attention_mask, kv_cache=kv_cache, input_pos=input_pos,
+                position_ids=position_ids, num_logits_to_keep=1)
+    return out["logits"][:, -1]
+
+
+def decode_one_token(
+    model: PaliGemmaForConditionalGeneration,
+    token: torch.Tensor,
+    input_pos: torch.Tensor,
+    position_ids: torch.Tensor,
+    kv_cache: KVCache,
+) -> torch.Tensor:
+    """One cached step: token (B, 1) at cache slot input_pos (1,) and RoPE positions (B, 1) -> logits (B, V)."""
+    return model(token, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids)["logits"][:, -1]
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: PaliGemmaForConditionalGeneration,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 100,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """Generate up to max_new_tokens per row -> (B, n) new token ids; after a row's EOS it holds padding.
+
+    eos_token_ids: default from the config ([1], or [1, 107] for PaliGemma 2); an empty list ignores EOS
+    (benchmarks force a fixed length that way). seed fixes the sampling generator.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = model.device
+    input_ids = input_ids.to(device)
+    pixel_values = pixel_values.to(device)
+    B, T = input_ids.shape
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    cfg = model.config
+    max_pos = cfg.text_config.max_position_embeddings
+    if T + max_new_tokens > max_pos:
+        raise ValueError(
+            f"prompt ({T} tokens incl. {cfg.num_image_tokens} image tokens) + {max_new_tokens} new tokens exceeds "
+            f"the model's {max_pos} positions; shorten the prompt or lower max_tokens_to_generate"
+        )
+    eos = torch.tensor(cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids), device=device)
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    generator = None
+    if do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+
+    cache = model.new_kv_cache(B, T + max_new_tokens)
+    # RoPE positions count real tokens only, so a left-padded row sees the same positions as it would alone.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
+    logits = prefill(model, input_ids, pixel_values, attention_mask, cache, position_ids)
+
+    out = []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample_next_token(logits, do_sample, temperature, top_p, top_k, generator)
+        token = token.masked_fill(finished, pad)
+        out.append(token)
+        finished |= torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        input_pos = torch.tensor([T + step], device=device)
+        logits = decode_one_token(model, token[:, None], input_pos, next_pos, cache)
+        next_pos = next_pos + 1
+    return torch.stack(out, dim=1)
+
+
+def decode_text(tokenizer, ids: torch.Tensor, eos_token_ids: Sequence[int]) -> str:
+    """New ids of one row -> text, cut at the first EOS; special tokens (BOS/EOS/pad) dropped, <loc> kept."""
+    row = ids.tolist()
+    for i, t in enumerate(row):
+        if t in eos_token_ids:
+            row = row[:i]
+            break
+    return tokenizer.decode(row, skip_special_tokens=True)
+
+
+def generate(
+    model: PaliGemmaForConditionalGeneration,
+    processor: PaliGemmaProcessor,
+    prompts: Sequence[str] | str,
+    images: Sequence[Image.Image] | Image.Image,
+    max_new_tokens: int = 100,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> list[str]:
+    """Answer each (prompt, image) pair; returns one string per pair, the prompt not included.
+
+    >>> model, tokenizer = load_hf_model("paligemma-3b-pt-224", "cpu")
+    >>> processor = make_processor(model, tokenizer)
+    >>> generate(model, processor, ["caption en"], [Image.open("cow.jpg")], max_new_tokens=20)
+    """
+    inputs = processor(text=prompts, images=images)
+    ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                       max_new_tokens, do_sample, temperature, top_p, top_k, seed)
+    eos = model.config.eos_token_id
+    return [decode_text(processor.tokenizer, row, eos) for row in ids.cpu()]
+
+
+def make_processor(model: PaliGemmaForConditionalGeneration, tokenizer) -> PaliGemmaProcessor:
+    """The processor matching a loaded model's image size and image-token count."""
+    vc = model.config.vision_config
+    return PaliGemmaProcessor(tokenizer, vc.num_image_tokens, vc.image_size)
+
+
+def load_image(path: str) -> Image.Image:
+    """Open an image file fully (so truncation is caught here), apply EXIF orientation as transformers does."""
+    with Image.open(path) as im:
+        im.load()
+        return ImageOps.exif_transpose(im)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(
+    model_path: str,
+    prompt: str = "",
+    image_file_path: str = "",
+    max_tokens_to_generate: int = 100,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    do_sample: bool = False,
+    only_cpu: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    debug: bool = False,
+) -> None:
+    """Answer a prompt about an image with a PaliGemma checkpoint; prints only the generated text.
+
+    Args:
+        model_path: checkpoint directory in the Hugging Face layout (config.json, *.safetensors, tokenizer).
+        prompt: task prompt, e.g. "caption en", "answer en what is this?", "detect cat" ("" is valid).
+        image_file_path: the image to ask about.
+        max_tokens_to_generate: most new tokens to generate (stops earlier at EOS).
+        temperature: sampling temperature (used with --do_sample True; 0 means greedy).
+        top_p: nucleus sampling threshold in (0, 1].
+        do_sample: sample instead of greedy decoding.
+        only_cpu: force the CPU even if CUDA/MPS is available.
+        device: cpu, cuda, cuda:N or mps (default: CUDA, else MPS, else CPU).
+        dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA/MPS).
+        top_k: keep only the k most likely tokens when sampling (0 = off).
+        seed: random seed for sampling, for reproducible output.
+        debug: show Python tracebacks instead of one-line errors.
+    """
+    try:
+        _check_flags(max_tokens_to_generate, temperature, top_p, top_k, do_sample, only_cpu)
+        dev = "cpu" if only_cpu else device
+        model, tokenizer = load_hf_model(model_path, dev, dtype)
+        _log(f"loaded {model_path} on {model.device} as {model.dtype}")
+        processor = make_processor(model, tokenizer)
+        image = load_image(image_file_path)
+        text = generate(model, processor, [str(prompt)], [image], max_tokens_to_generate, do_sample,
+                        temperature, top_p, top_k, seed)[0]
+    except (CheckpointError, ProcessorError, ValueError, OSError) as e:
+        if debug:
+            raise
+        _log(f"error: {e}")
+        sys.exit(2)
+    print(text)
+
+
+def _check_flags(max_tokens, temperature, top_p, top_k, do_sample, only_cpu) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"--max_tokens_to_generate must be a positive integer, got {max_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"--temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"--top_k must be an integer >= 0, got {top_k!r}")
+    for name, value in (("--do_sample", do_sample), ("--only_cpu", only_cpu)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)

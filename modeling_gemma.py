@@ -1,0 +1,468 @@
+"""Gemma / Gemma 2 decoder, preallocated KV cache, and the PaliGemma wrapper (vision tower + projector + decoder).
+
+One decoder serves PaliGemma 1 (Gemma, `model_type="gemma"`) and PaliGemma 2 (Gemma 2, `"gemma2"`); the
+differences are config switches: Gemma 2 adds two extra norms per layer, attention-logit and final-logit
+soft-capping, a sliding window on alternate layers and `query_pre_attn_scalar`.
+
+Module attribute names mirror the hub checkpoint keys (`language_model.model.layers.{i}.self_attn.q_proj`,
+`multi_modal_projector.linear`, ...), so the legacy hub layout loads without a rename table.
+
+Checked against: transformers `models/{paligemma,gemma,gemma2}/modeling_*.py` (v5.23; parity tests in tests/),
+big_vision `models/proj/paligemma/paligemma.py` and `models/ppp/gemma.py`, google/gemma_pytorch, and the
+PaliGemma / PaliGemma 2 papers (arXiv:2407.07726, 2412.03555).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modeling_siglip import SiglipVisionConfig, SiglipVisionModel, gelu_tanh
+
+
+@dataclass
+class GemmaConfig:
+    """Text decoder config. Defaults are PaliGemma-3B's (Gemma 2B); Gemma 2 fields are None when unused."""
+
+    model_type: str = "gemma"  # "gemma" (PaliGemma 1) or "gemma2" (PaliGemma 2)
+    vocab_size: int = 257216  # embedding rows: 257152 tokenizer ids + <image> + padding to a multiple of 64
+    hidden_size: int = 2048  # residual width; the source of truth for sqrt(d) scaling (not the top-level one)
+    intermediate_size: int = 16384  # gated-MLP width
+    num_hidden_layers: int = 18  # decoder layers
+    num_attention_heads: int = 8  # query heads
+    num_key_value_heads: int = 1  # KV heads; 1 = multi-query (PaliGemma 1), 4/8/16 = grouped (PaliGemma 2)
+    head_dim: int = 256  # per-head width; NOT hidden / heads (2048 / 8 = 256 here by coincidence only)
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    max_position_embeddings: int = 8192  # longest sequence RoPE was trained for; prompts are checked against it
+    query_pre_attn_scalar: float | None = None  # Gemma 2: queries scaled by this ** -0.5; None -> head_dim
+    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> tanh(s / c) * c before the mask
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> tanh(l / c) * c
+    sliding_window: int | None = None  # Gemma 2: local-attention span of the sliding layers
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"; None -> derived
+
+    def __post_init__(self) -> None:
+        if self.layer_types is None:
+            if self.sliding_window is not None:
+                # transformers (and Gemma 2 itself) alternate local/global starting with a local layer 0.
+                self.layer_types = [
+                    "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
+                ]
+            else:
+                self.layer_types = ["full_attention"] * self.num_hidden_layers
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+
+@dataclass
+class PaliGemmaConfig:
+    """Whole-model config: vision tower + projector + text decoder + the special token ids."""
+
+    vision_config: SiglipVisionConfig = field(default_factory=SiglipVisionConfig)
+    text_config: GemmaConfig = field(default_factory=GemmaConfig)
+    projection_dim: int = 2048  # projector output width; equals text hidden_size in every released checkpoint
+    image_token_index: int = 257152  # id of <image>, placed num_image_tokens times before BOS
+    bos_token_id: int = 2
+    pad_token_id: int = 0
+    eos_token_id: list[int] = field(default_factory=lambda: [1])  # PaliGemma 2 configs list [1, 107]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_config.num_image_tokens
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> PaliGemmaConfig:
+        """A released architecture by name (see `NAMED_CONFIGS`), with overrides.
+
+        `text=` and `vision=` take dicts of sub-config overrides; other keywords replace top-level fields:
+        `PaliGemmaConfig.from_name("paligemma-3b-224", text=dict(num_hidden_layers=2))`.
+        """
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown config name {name!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
+        base = NAMED_CONFIGS[name]
+        text = replace(base.text_config, layer_types=None, **overrides.pop("text", {}))
+        vision = replace(base.vision_config, **overrides.pop("vision", {}))
+        return replace(base, text_config=text, vision_config=vision, **overrides)
+
+
+def _named_configs() -> dict[str, PaliGemmaConfig]:
+    """Every released PaliGemma architecture (weights differ between pt/mix/ft, shapes do not)."""
+    gemma2 = dict(
+        model_type="gemma2", query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, sliding_window=4096, head_dim=256, vocab_size=257216,
+    )
+    texts = {
+        "paligemma-3b": GemmaConfig(),
+        "paligemma2-3b": GemmaConfig(**gemma2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                     num_attention_heads=8, num_key_value_heads=4),
+        "paligemma2-10b": GemmaConfig(**gemma2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                      num_attention_heads=16, num_key_value_heads=8),
+        "paligemma2-28b": GemmaConfig(**{**gemma2, "head_dim": 128, "query_pre_attn_scalar": 144},
+                                      hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
+                                      num_attention_heads=32, num_key_value_heads=16),
+    }
+    out = {}
+    for stem, text in texts.items():
+        for size in (224, 448, 896):
+            eos = [1, 107] if text.is_gemma2 else [1]
+            out[f"{stem}-{size}"] = PaliGemmaConfig(
+                vision_config=SiglipVisionConfig(image_size=size), text_config=text,
+                projection_dim=text.hidden_size, eos_token_id=eos,
+            )
+    return out
+
+
+NAMED_CONFIGS: dict[str, PaliGemmaConfig] = _named_configs()
+
+
+class GemmaRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        # Stored as an offset from 1: Gemma scales by (1 + w), so a zero weight is the identity.
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 throughout, and the (1 + w) multiply happens before casting back: in bf16 this order
+        # matters (Gemma's reference differs from Llama's cast-then-multiply).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for every layer, written in place at tensor positions (never grown by cat).
+
+    k_cache, v_cache: (layers, B, n_kv_heads, max_seq_len, head_dim). `valid` marks which positions of each row
+    hold a real (non-padding) token, so attention masks can be built from the cache alone during decode.
+    """
+
+    def __init__(
+        self,
+        config: GemmaConfig,
+        batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        super().__init__()
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "valid", torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device), persistent=False
+        )
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[3]
+
+    def update(
+        self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) at positions `input_pos` (T,); return the layer's whole cache."""
+        k_all, v_all = self.k_cache[layer_idx], self.v_cache[layer_idx]  # views, (B, n_kv, S, hd)
+        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        return k_all, v_all
+
+    def update_mask(self, input_pos: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Record which of the new positions are real tokens; return the (B, S) validity of every position."""
+        self.valid.index_copy_(1, input_pos, attention_mask.to(torch.bool))
+        return self.valid
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # Split-halves RoPE layout (Gemma/transformers): pairs are (i, i + d/2), not interleaved (i, i + 1).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, 1, T, head_dim) for per-row positions (B, T); angles computed in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention with n_kv < n_heads, the KV heads broadcast rather than copied per query head.
+
+    q: (B, H, T, hd); k, v: (B, H_kv, S, hd); mask: (B, 1, T, S) bool, True = may attend. Returns (B, H, T, hd).
+    """
+    B, H, T, hd = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    rep = H // n_kv
+    # Query head h uses KV head h // rep (transformers' repeat_kv order). Folding the `rep` query heads of
+    # a group into the row axis lets one KV head serve them all without materialising copies of K/V.
+    q = q.reshape(B, n_kv, rep * T, hd)  # (B, H_kv, rep*T, hd)
+    mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)  # (B, 1, rep*T, S)
+    if softcap is None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    else:
+        # SDPA cannot soft-cap, so Gemma 2 takes the explicit path: cap the scores before masking.
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H_kv, rep*T, S)
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in float32
+        y = torch.matmul(probs, v)
+    return y.reshape(B, H, T, hd)
+
+
+class GemmaAttention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        # PaliGemma 1: head_dim^-0.5. Gemma 2: query_pre_attn_scalar^-0.5 (differs from head_dim for 28B).
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.softcap = config.attn_logit_softcapping
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        input_pos: torch.Tensor,
+        kv_cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        cos, sin = cos_sin
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, S, hd)
+        y = grouped_attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class GemmaMLP(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Gated GELU (tanh approximation): down(gelu(gate(x)) * up(x)).
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GemmaDecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.self_attn = GemmaAttention(config, layer_idx)
+        self.mlp = GemmaMLP(config)
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.sandwich = config.is_gemma2
+        if self.sandwich:
+            # Gemma 2 normalises the outputs of attention and MLP too ("sandwich" norms).
+            self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos_sin, masks, input_pos, kv_cache):
+        mask = masks["sliding"] if self.is_sliding else masks["full"]
+        h = self.self_attn(self.input_layernorm(x), cos_sin, mask, input_pos, kv_cache)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        # Gemma 1: post_attention_layernorm is the pre-MLP norm, despite its name.
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GemmaModel(nn.Module):
+    """Embeddings + decoder layers + final norm (checkpoint prefix `language_model.model.`)."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Holds `model` so attribute paths equal `language_model.model.*`; the LM head is the tied embedding."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.model = GemmaModel(config)
+
+
+class PaliGemmaMultiModalProjector(nn.Module):
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        # One Linear with bias, no activation (config's projector_hidden_act is unused by every checkpoint).
+        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def build_attention_masks(
+    key_valid: torch.Tensor,
+    key_pos: torch.Tensor,
+    input_pos: torch.Tensor,
+    prefix_len: int | torch.Tensor | None,
+    sliding_window: int | None,
+) -> dict[str, torch.Tensor | None]:
+    """Prefix-LM masks (B, 1, T, S), True = may attend.
+
+    A query at position q sees key k when k holds a real token and either k <= q (causal) or both lie in the
+    prefix (image tokens, BOS, prompt, "\\n" attend to each other bidirectionally). `prefix_len` None means
+    "this call is one block": its tokens see each other (and, causally, everything before them), which is the
+    prefix during prefill and plain causal attention for a single decoded token. Sliding layers additionally require
+    k > q - window for the causal part; prefix pairs stay visible, as in transformers' PaliGemma 2.
+    """
+    q = input_pos[:, None]  # (T, 1)
+    k = key_pos[None, :]  # (1, S)
+    if prefix_len is None:  # the block is this call's own positions
+        start, end = input_pos[0], input_pos[-1] + 1
+    else:
+        start, end = 0, prefix_len
+    causal = k <= q
+    prefix = (k >= start) & (k < end) & (q >= start) & (q < end)
+    valid = key_valid[:, None, None, :]  # (B, 1, 1, S)
+    masks = {"full": valid & (causal | prefix)[None, None], "sliding": None}
+    if sliding_window is not None:
+        local = causal & (k > q - sliding_window)
+        masks["sliding"] = valid & (local | prefix)[None, None]
+    return masks
+
+
+class PaliGemmaForConditionalGeneration(nn.Module):
+    """PaliGemma: SigLIP features -> linear projector -> Gemma decoder over [image tokens, BOS, prompt, "\\n"]."""
+
+    def __init__(self, config: PaliGemmaConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = SiglipVisionModel(config.vision_config)
+        self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
+        self.language_model = GemmaForCausalLM(config.text_config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """A cache sized for `max_seq_len` positions (prompt + new tokens) on the model's device and dtype."""
+        return KVCache(self.config.text_config, batch_size, max_seq_len, self.dtype, self.device)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, num_image_tokens, text hidden): vision tower then projector, no scaling."""
+        return self.multi_modal_projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features placed at the <image> positions. (B, T, D)"""
+        embed_tokens = self.language_model.model.embed_tokens
+        is_image = input_ids == self.config.image_token_index
+        # <image> may lie beyond the embedding rows in a custom vocab; its row is replaced below anyway.
+        x = embed_tokens(input_ids.masked_fill(is_image, 0))
+        # Gemma scales text embeddings by sqrt(hidden), with the multiplier rounded to the activation dtype
+        # first (45.25 in bf16 for 2048), exactly as the reference does.
+        x = x * torch.tensor(math.sqrt(self.config.text_config.hidden_size), dtype=x.dtype)
+        if pixel_values is not None:
+            feats = self.get_image_features(pixel_values).to(x.dtype)  # (B_img, N, D)
+            n_slots = int(is_image.sum())
+            if n_slots != feats.shape[0] * feats.shape[1]:
+                raise ValueError(
+                    f"input_ids hold {n_slots} <image> tokens but the images give {feats.shape[0] * feats.shape[1]}"
+                    f" features ({feats.shape[0]} images x {feats.shape[1]}); build prompts with PaliGemmaProcessor"
+                )
+            # Image features enter unscaled, as in big_vision (transformers' older divide-then-multiply by
+            # sqrt(hidden) is the same up to rounding). Row-major fill matches "<image> x N per sample" order.
+            x = x.masked_scatter(is_image[..., None], feats)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        prefix_len: int | torch.Tensor | None = None,
+        num_logits_to_keep: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Run the decoder over `input_ids` (B, T) and return {"logits": (B, T or num_logits_to_keep, V)}.
+
+        input_ids: token ids with `<image>` × N where images go; pixel_values: (B, 3, S, S) or None once the
+        image is in the cache. attention_mask: (B, T), 0 for (left) padding. kv_cache: a `KVCache`; then
+        `input_pos` (T,) gives the cache slots to write (required). position_ids: (B, T) RoPE positions per row
+        (default: input_pos). prefix_len: tokens at positions < prefix_len attend bidirectionally; default: the
+        tokens of this call form one bidirectional block (prefill), which for one token is plain causal decoding.
+        num_logits_to_keep: 0 = all positions, n = the last n (generation needs 1).
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if input_pos is None:
+            if kv_cache is not None:
+                raise ValueError("input_pos (the cache positions of these tokens) is required with kv_cache")
+            input_pos = torch.arange(T, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        if position_ids is None:
+            position_ids = input_pos[None].expand(B, T)
+
+        x = self.embed(input_ids, pixel_values)
+        text = self.config.text_config
+        if kv_cache is not None:
+            key_valid = kv_cache.update_mask(input_pos, attention_mask)
+            key_pos = torch.arange(kv_cache.max_seq_len, device=device)
+        else:
+            key_valid, key_pos = attention_mask.to(torch.bool), input_pos
+        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, text.sliding_window)
+        cos_sin = rope_cos_sin(position_ids, text.head_dim, text.rope_theta, x.dtype)
+
+        lm = self.language_model.model
+        for layer in lm.layers:
+            x = layer(x, cos_sin, masks, input_pos, kv_cache)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
+        x = lm.norm(x)
+        logits = F.linear(x, lm.embed_tokens.weight)  # lm_head tied to the token embeddings
+        if text.final_logit_softcapping is not None:
+            c = text.final_logit_softcapping
+            logits = torch.tanh(logits / c) * c
+        return {"logits": logits}
+
+
+def config_field_names(cls) -> set[str]:
+    """Names of a config dataclass's fields (used by the loader to reject nothing and map what it knows)."""
+    return {f.name for f in fields(cls)}

@@ -1,0 +1,320 @@
+"""Config parsing and strict, low-memory safetensors loading for hub-layout PaliGemma checkpoints.
+
+`load_hf_model(path, device)` reads a sparse hub `config.json` (absent fields take the real checkpoints'
+values, listed in ../shared/PALIGEMMA_FACTS.md), builds the model on the meta device, and streams every tensor
+from `model.safetensors` or the shards named by `model.safetensors.index.json` straight into the target
+device and dtype, so peak memory stays near one copy of the weights. Every key, shape and dtype is checked;
+pickled `*.bin` checkpoints are refused (unpickling can run code).
+
+Checked against: transformers `models/paligemma/configuration_paligemma.py`, `models/gemma*/configuration_*.py`,
+`models/siglip/configuration_siglip.py` and its checkpoint conversion scripts (key layouts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from modeling_gemma import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from modeling_siglip import SiglipVisionConfig
+
+# Converting a float32 checkpoint to bf16 (or copying to a GPU) goes through staging buffers of at most this
+# many bytes, so the 2.1 GB embedding never exists twice in host memory.
+_CHUNK_BYTES = 64 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as-is; the message names the file/key and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json -> PaliGemmaConfig
+# ---------------------------------------------------------------------------------------------------------------
+
+# Gemma 2 defaults, for fields PaliGemma 2 hub configs leave out (e.g. the 3B omits heads and head_dim).
+_GEMMA2_DEFAULTS = dict(
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+)
+# Fields every released config lists; guessing them would only turn a broken config into shape errors.
+_REQUIRED_TEXT = ("hidden_size", "intermediate_size", "num_hidden_layers")
+_REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers")
+
+
+def _pick(src: dict, cls, defaults: dict | None = None) -> dict:
+    """The fields of dataclass `cls` present in `src` (JSON nulls mean 'absent'), over `defaults`."""
+    names = set(cls.__dataclass_fields__)
+    out = dict(defaults or {})
+    out.update({k: v for k, v in src.items() if k in names and v is not None})
+    return out
+
+
+def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
+    """Parse a hub PaliGemma config dict (sparse: absent fields take the released checkpoints' values)."""
+    if cfg.get("model_type") != "paligemma":
+        raise CheckpointError(
+            f"{source}: model_type is {cfg.get('model_type')!r}, not 'paligemma'; point --model_path at a PaliGemma "
+            "checkpoint"
+        )
+    text = cfg.get("text_config") or {}
+    vision = cfg.get("vision_config") or {}
+    for section, d, required in (("text_config", text, _REQUIRED_TEXT), ("vision_config", vision, _REQUIRED_VISION)):
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: {section} must be an object")
+        for name in required:
+            if name not in d:
+                raise CheckpointError(f"{source}: required field {section}.{name} is missing; re-download config.json")
+    text_type = text.get("model_type", "gemma")
+    if text_type not in ("gemma", "gemma2"):
+        raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")
+    # hidden_activation / hidden_act are ignored on purpose: every PaliGemma uses tanh-approximate GELU, and
+    # old Gemma configs say "gelu" while meaning exactly that.
+    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, _GEMMA2_DEFAULTS if text_type == "gemma2" else None))
+    vis_cfg = SiglipVisionConfig(**_pick(vision, SiglipVisionConfig))
+    eos = cfg.get("eos_token_id", 1)
+    top = {
+        # The top-level hidden_size is stale in PaliGemma 2 configs: the projector width comes from
+        # projection_dim, and failing that from the text width (never from top-level hidden_size).
+        "projection_dim": cfg.get("projection_dim") or vision.get("projection_dim") or text_cfg.hidden_size,
+        "image_token_index": cfg.get("image_token_index", cfg.get("image_token_id", 257152)),
+        "bos_token_id": cfg.get("bos_token_id", 2),
+        "pad_token_id": cfg.get("pad_token_id", 0),
+        "eos_token_id": list(eos) if isinstance(eos, (list, tuple)) else [eos],
+    }
+    if text_cfg.num_attention_heads % text_cfg.num_key_value_heads:
+        raise CheckpointError(
+            f"{source}: num_attention_heads {text_cfg.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {text_cfg.num_key_value_heads}"
+        )
+    if vis_cfg.image_size % vis_cfg.patch_size:
+        raise CheckpointError(f"{source}: image_size {vis_cfg.image_size} is not a multiple of patch_size")
+    return PaliGemmaConfig(vision_config=vis_cfg, text_config=text_cfg, **top)
+
+
+def load_config(model_path: str | os.PathLike) -> PaliGemmaConfig:
+    """Read and parse `<model_path>/config.json`."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; --model_path must be a checkpoint directory with config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-download it")
+    return config_from_dict(cfg, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weights
+# ---------------------------------------------------------------------------------------------------------------
+
+# Newer transformers save `model.<part>.*` (and no `.model.` level under the language model); map them onto the
+# hub's legacy names, which are our module paths. Tied `lm_head.weight` copies are skipped without reading.
+_NEW_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+_TIED_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def canonical_key(key: str) -> str | None:
+    """Checkpoint key -> our parameter name (None for a tied lm_head copy, which is not loaded)."""
+    if key in _TIED_HEAD_KEYS:
+        return None
+    for new, legacy in _NEW_PREFIXES:
+        if key.startswith(new):
+            key = legacy + key[len(new):]
+            break
+    # transformers 5 keeps the SigLIP transformer directly under vision_tower (no `vision_model.` level).
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def weight_files(model_path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint, from the index when there is one. Refuses pickled weights."""
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        files = [root / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index} names shard {f.name}, which is missing; re-download it")
+        return files
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
+        raise CheckpointError(
+            f"{root} holds only pickled weights (*.bin/*.pt); they are refused because unpickling runs code — "
+            "download the safetensors files of the checkpoint"
+        )
+    raise CheckpointError(f"{root} has no model.safetensors or model.safetensors.index.json; download the weights")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+def _read_tensor(f, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Read one tensor into `dtype` on `device`; converts through bounded staging buffers (see _CHUNK_BYTES)."""
+    sl = f.get_slice(key)
+    shape = sl.get_shape()
+    src_dtype = _SAFETENSORS_DTYPES[sl.get_dtype()]
+    if src_dtype == dtype and device.type == "cpu":
+        return f.get_tensor(key)  # already in the right form: one read, no staging
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if not shape:
+        return out.copy_(f.get_tensor(key))
+    row_bytes = max(1, src_dtype.itemsize * (out.numel() // shape[0]))
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for r in range(0, shape[0], step):
+        out[r:r + step].copy_(sl[r:r + step])
+    return out
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (this CPU class has no fast bf16 arithmetic); bfloat16 on CUDA and MPS."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype):
+    """Stream every tensor of the checkpoint into `model` (built on meta) with full key/shape/dtype checks."""
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for path in weight_files(model_path):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = canonical_key(key)
+                    sl = f.get_slice(key)
+                    if sl.get_dtype() not in _SAFETENSORS_DTYPES:
+                        raise CheckpointError(
+                            f"{path.name}: tensor {key} has dtype {sl.get_dtype()}, expected a float type; "
+                            "the file is not a PaliGemma weight file"
+                        )
+                    shape = torch.Size(sl.get_shape())
+                    if name is None:  # tied lm_head copy: check it, don't load it
+                        emb = expected["language_model.model.embed_tokens.weight"]
+                        if shape != emb:
+                            raise CheckpointError(f"{path.name}: {key} has shape {tuple(shape)}, expected {tuple(emb)}")
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(
+                            f"{path.name}: unexpected tensor {key} (not part of this config's model); "
+                            "check config.json matches the weights"
+                        )
+                    if name in loaded:
+                        raise CheckpointError(f"{path.name}: tensor {key} also appears in {where[name]}")
+                    if shape != expected[name]:
+                        raise CheckpointError(
+                            f"{path.name}: tensor {key} has shape {tuple(shape)}, expected {tuple(expected[name])} "
+                            "from config.json; the checkpoint and its config disagree"
+                        )
+                    loaded[name] = _read_tensor(f, key, dtype, device)
+                    where[name] = path.name
+        except SafetensorError as e:
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-download them")
+    # Every key and shape was checked above, so strict=True cannot fail here; assign=True adopts our tensors
+    # instead of copying into meta storage.
+    model.load_state_dict(loaded, strict=True, assign=True)
+
+
+def load_tokenizer(model_path, config: PaliGemmaConfig):
+    """The checkpoint's own tokenizer, checked to have `<image>` at the config's image_token_index."""
+    from transformers import AutoTokenizer  # heavy import, only when loading
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path))
+    except Exception as e:  # transformers raises many types for missing/broken files
+        raise CheckpointError(
+            f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "the directory needs tokenizer.json or tokenizer.model with tokenizer_config.json"
+        ) from None
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if image_id is None or image_id == tok.unk_token_id:
+        raise CheckpointError(f"the tokenizer in {model_path} has no <image> token; use the checkpoint's own tokenizer")
+    if image_id != config.image_token_index:
+        raise CheckpointError(
+            f"the tokenizer maps <image> to {image_id} but config.json says image_token_index "
+            f"{config.image_token_index}; tokenizer and config come from different checkpoints"
+        )
+    return tok
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None`/"auto" -> CUDA, else MPS, else CPU. An explicit device that is not available is an error."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> the device default; a name from DTYPES or a torch float dtype otherwise."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return DTYPES[str(dtype)]
+
+
+def load_hf_model(
+    model_path: str | os.PathLike,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+):
+    """Load a hub-layout PaliGemma checkpoint directory -> (model in eval mode, tokenizer).
+
+    device: "cpu", "cuda", "mps", or None for the best available. dtype: default float32 on CPU, bfloat16 on
+    CUDA/MPS. Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.
+    """
+    root = Path(model_path)
+    if not root.exists():
+        raise CheckpointError(f"model path {root} does not exist; give a downloaded checkpoint directory")
+    if not root.is_dir():
+        raise CheckpointError(f"model path {root} is a file; give the checkpoint directory that contains it")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    config = load_config(root)
+    tokenizer = load_tokenizer(root, config)
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(config)
+    load_weights(model, root, dev, dt)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
