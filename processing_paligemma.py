@@ -32,7 +32,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         hi = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(np.round(arr * (255.0 / hi)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        return Image.fromarray(arr).convert("RGB")  # uint8 (H, W) -> mode L
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -230,7 +230,7 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
     missing = [k for k in expected if k not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-download them")
+        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-download")
     # Every key and shape was checked above, so strict=True cannot fail here; assign=True adopts our tensors
     # instead of copying into meta storage.
     model.load_state_dict(loaded, strict=True, assign=True)

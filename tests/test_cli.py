@@ -1,0 +1,34 @@
+"""The CLI, run as a subprocess with the seed's exact flags, prints what greedy generation in Python prints."""
+
+import subprocess
+import sys
+
+from conftest import ROOT, random_image
+
+from inference import generate, load_image, make_processor
+from utils import load_hf_model
+
+
+def test_seed_command_prints_greedy_text(checkpoint, tmp_path):
+    path = checkpoint("pg1-legacy-mqa-224")
+    image = tmp_path / "img.jpg"
+    random_image(42, (80, 60)).save(image)
+    cmd = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(path), "--prompt", "caption en",
+           "--image_file_path", str(image), "--max_tokens_to_generate", "100", "--temperature", "0.8",
+           "--top_p", "0.9", "--do_sample", "False", "--only_cpu", "True"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    model, tok = load_hf_model(path, "cpu")
+    expected = generate(model, make_processor(model, tok), ["caption en"], [load_image(str(image))], 100)[0]
+    assert expected.strip(), "greedy output should not be empty on the fixture"
+    assert run.stdout == expected + "\n"
+    assert "loaded" in run.stderr  # diagnostics go to stderr, never stdout
+
+
+def test_bad_flag_is_one_error_line(checkpoint, tmp_path):
+    path = checkpoint("pg1-legacy-mqa-224")
+    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(path), "--prompt", "x",
+                          "--image_file_path", str(tmp_path / "none.jpg"), "--top_p", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["error: --top_p must be in (0, 1], got 0"]
