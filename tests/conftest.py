@@ -16,6 +16,9 @@ CHECKPOINTS = {
     "pg1-legacy-mqa-224": dict(variant="pg1", layout="legacy", num_key_value_heads=1),
     "pg1-new-gqa-112": dict(variant="pg1", layout="new", num_key_value_heads=2, image_size=112),
     "pg2-legacy-gqa-224": dict(variant="pg2", layout="legacy", num_key_value_heads=2, sliding_window=8),
+    # PaliGemma 2 as the hub ships it: bfloat16 shards, `model.*` keys; 448-style explicit image_size.
+    "pg2-new-bf16-112": dict(variant="pg2", layout="new", num_key_value_heads=1, image_size=112,
+                             dtype=torch.bfloat16, sliding_window=8),
 }
 
 

@@ -3,14 +3,16 @@
 import subprocess
 import sys
 
-from conftest import ROOT, random_image
+import pytest
+from conftest import CHECKPOINTS, ROOT, random_image
 
 from inference import generate, load_image, make_processor
 from utils import load_hf_model
 
 
-def test_seed_command_prints_greedy_text(checkpoint, tmp_path):
-    path = checkpoint("pg1-legacy-mqa-224")
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_seed_command_prints_greedy_text(checkpoint, tmp_path, name):
+    path = checkpoint(name)
     image = tmp_path / "img.jpg"
     random_image(42, (80, 60)).save(image)
     cmd = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(path), "--prompt", "caption en",

@@ -80,6 +80,20 @@ def test_both_layouts_load_the_same_architecture(checkpoint):
     assert not any(p.is_meta for p in b.parameters())
 
 
+def test_three_key_layouts_load_identical_weights(tmp_path):
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    # legacy (hub), model.* (newer saves, here with an lm_head copy), and transformers 5's save_pretrained form.
+    models = [
+        load_hf_model(make_tiny_checkpoint(tmp_path / layout, layout=layout, include_lm_head=head), "cpu")[0]
+        for layout, head in (("legacy", False), ("new", True), ("hf5", True))
+    ]
+    ref = models[0].state_dict()
+    for m in models[1:]:
+        sd = m.state_dict()
+        assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
 def test_bfloat16_load_converts_every_tensor(checkpoint):
     path = checkpoint("pg1-legacy-mqa-224")
     f32, _ = load_hf_model(path, "cpu")
