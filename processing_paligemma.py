@@ -100,6 +100,8 @@ class PaliGemmaProcessor:
         for im in imgs:
             if not isinstance(im, Image.Image):
                 raise ProcessorError(f"images must be PIL images, got {type(im).__name__}")
+            if im.width < 1 or im.height < 1:
+                raise ProcessorError(f"an image is empty ({im.width}x{im.height} pixels); give a real picture")
         ids = [self.prompt_ids(p) for p in prompts]
         T = max(len(r) for r in ids)
         input_ids = torch.full((len(ids), T), self.pad_token_id, dtype=torch.long)
@@ -107,5 +109,12 @@ class PaliGemmaProcessor:
         for b, row in enumerate(ids):
             input_ids[b, T - len(row):] = torch.tensor(row)  # left padding
             attention_mask[b, T - len(row):] = 1
-        pixel_values = torch.from_numpy(np.stack([preprocess_image(im, self.image_size) for im in imgs]))
+        pixels = []
+        for im in imgs:
+            try:
+                pixels.append(preprocess_image(im, self.image_size))
+            except (ValueError, OSError, TypeError) as e:  # e.g. a PIL mode with no RGB conversion
+                raise ProcessorError(f"cannot convert an image of mode {im.mode} to RGB ({e}); save it as RGB") \
+                    from None
+        pixel_values = torch.from_numpy(np.stack(pixels))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}

@@ -68,6 +68,10 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
         for name in required:
             if name not in d:
                 raise CheckpointError(f"{source}: required field {section}.{name} is missing; re-download config.json")
+            if isinstance(d[name], bool) or not isinstance(d[name], int) or d[name] < 1:
+                raise CheckpointError(
+                    f"{source}: {section}.{name} must be a positive integer, got {d[name]!r}; re-download config.json"
+                )
     text_type = text.get("model_type", "gemma")
     if text_type not in ("gemma", "gemma2"):
         raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")
@@ -89,6 +93,11 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
         raise CheckpointError(
             f"{source}: num_attention_heads {text_cfg.num_attention_heads} is not a multiple of "
             f"num_key_value_heads {text_cfg.num_key_value_heads}"
+        )
+    if not 0 <= top["image_token_index"] < text_cfg.vocab_size:
+        raise CheckpointError(
+            f"{source}: image_token_index {top['image_token_index']} does not fit text_config.vocab_size "
+            f"{text_cfg.vocab_size}; the config is damaged or from another model — re-download config.json"
         )
     if vis_cfg.image_size % vis_cfg.patch_size:
         raise CheckpointError(f"{source}: image_size {vis_cfg.image_size} is not a multiple of patch_size")
@@ -240,6 +249,11 @@ def load_tokenizer(model_path, config: PaliGemmaConfig):
     """The checkpoint's own tokenizer, checked to have `<image>` at the config's image_token_index."""
     from transformers import AutoTokenizer  # heavy import, only when loading
 
+    root = Path(model_path)
+    if not (root / "tokenizer.json").is_file() and not (root / "tokenizer.model").is_file():
+        raise CheckpointError(
+            f"{root} has no tokenizer (tokenizer.json or tokenizer.model); download the checkpoint's tokenizer files"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(str(model_path))
     except Exception as e:  # transformers raises many types for missing/broken files
