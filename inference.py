@@ -437,7 +437,7 @@ def cli(argv: list[str] | None = None) -> None:
         fire.Fire(main, command=argv, name="inference.py")
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): not worth a traceback
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet
-        _log("error: stdout was closed before the answer was written (e.g. piped into head); nothing lost but output")
+        _log("error: stdout was closed before the answer was written (e.g. piped into head)")
         sys.exit(EXIT_FAILURE)
 
 

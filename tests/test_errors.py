@@ -1,0 +1,460 @@
+"""Bad input never crashes and never lies: the CLI's error catalogue (README "Errors"), one case per entry.
+
+Every failure must end in exactly one stderr line starting with "error:" that names the cause, a non-zero exit
+code (2 for bad input) and no traceback; every valid odd input must run. Most cases run `inference.py` as a
+subprocess on a mutated copy of one tiny checkpoint; resource failures are simulated in-process.
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, random_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import inference
+from inference import load_image
+from processing_paligemma import PaliGemmaProcessor, ProcessorError
+from utils import weight_files
+
+NAME = "pg1-legacy-mqa-224"
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "inference.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def assert_error(run, code: int, *needles: str) -> str:
+    """Exit code, exactly one 'error:' line mentioning every needle, no traceback, nothing on stdout."""
+    assert "Traceback" not in run.stderr, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert run.returncode == code, run.stderr
+    assert run.stdout == ""
+    return errors[0]
+
+
+def assert_ok(run) -> None:
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr and "error:" not in run.stderr, run.stderr
+    assert run.stdout.endswith("\n") and run.stdout.count("\n") >= 1
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint):
+    return checkpoint(NAME)
+
+
+@pytest.fixture(scope="module")
+def jpg(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "ok.jpg"
+    random_image(1, (40, 30)).save(path)
+    return path
+
+
+def _snapshot(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_shard(path, fn):
+    shard = weight_files(path)[0]
+    tensors = load_file(str(shard))
+    fn(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+def _first_2d(t):
+    return next(k for k in sorted(t) if t[k].ndim == 2)
+
+
+def _no_image_token(path):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        f = path / name
+        f.write_text(f.read_text().replace("<image>", "<imagX>"))
+    (path / "tokenizer.model").unlink()
+
+
+def _truncate_shard(path):
+    shard = weight_files(path)[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+
+def _only_pickle(path):
+    for f in path.glob("*.safetensors*"):
+        f.unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+
+
+CHECKPOINT_CASES = {
+    "no-config": (lambda p: (p / "config.json").unlink(), ["config.json not found"]),
+    "config-not-json": (lambda p: (p / "config.json").write_text("{not json"), ["config.json is not valid JSON"]),
+    "config-not-object": (lambda p: (p / "config.json").write_text("[1, 2]"), ["is not a JSON object"]),
+    "wrong-model-type": (lambda p: _edit_config(p, lambda c: c.update(model_type="llava")),
+                         ["model_type is 'llava', not 'paligemma'"]),
+    "missing-field": (lambda p: _edit_config(p, lambda c: c["text_config"].pop("num_hidden_layers")),
+                      ["text_config.num_hidden_layers is missing"]),
+    "field-not-int": (lambda p: _edit_config(p, lambda c: c["vision_config"].update(num_hidden_layers="2")),
+                      ["vision_config.num_hidden_layers must be a positive integer, got '2'"]),
+    "vocab-below-image-token": (lambda p: _edit_config(p, lambda c: c["text_config"].update(vocab_size=2000)),
+                                ["image_token_index 2152 does not fit text_config.vocab_size 2000"]),
+    "only-pickle": (_only_pickle, ["only pickled weights", "download the safetensors"]),
+    "no-weights": (lambda p: [f.unlink() for f in p.glob("*.safetensors*")], ["has no model.safetensors"]),
+    "index-not-json": (lambda p: (p / "model.safetensors.index.json").write_text("{"),
+                       ["model.safetensors.index.json is not a valid safetensors index"]),
+    "missing-shard": (lambda p: weight_files(p)[1].unlink(), ["model-00002-of-00003.safetensors, which is missing"]),
+    "truncated-shard": (_truncate_shard, ["model-00001-of-00003.safetensors is truncated", "re-download"]),
+    "wrong-shape": (lambda p: _edit_shard(p, lambda t: t.update({_first_2d(t): torch.zeros(3, 5)})),
+                    ["has shape (3, 5), expected", "config disagree"]),
+    "missing-tensor": (lambda p: _edit_shard(p, lambda t: t.pop(sorted(t)[0])), ["is missing from the weights"]),
+    "extra-tensor": (lambda p: _edit_shard(p, lambda t: t.update({"language_model.model.layers.9.x": torch.ones(2)})),
+                     ["unexpected tensor language_model.model.layers.9.x"]),
+    "int-weight": (lambda p: _edit_shard(p, lambda t: t.update({k: v.to(torch.int32) for k, v in list(t.items())[:1]})),
+                   ["has dtype I32, expected a float type"]),
+    "no-tokenizer": (lambda p: [f.unlink() for f in p.glob("tokenizer*")], ["has no tokenizer", "tokenizer.json"]),
+    "tokenizer-without-image": (_no_image_token, ["has no <image> token"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
+def test_broken_checkpoint(runs, case):
+    run, unchanged = runs["ckpt", case].result()
+    assert_error(run, 2, *CHECKPOINT_CASES[case][1])
+    assert unchanged  # nothing written into a broken checkpoint or the working directory either
+
+
+@pytest.mark.parametrize("case", ["missing", "file"])
+def test_model_path_not_a_directory(runs, case):
+    run, _ = runs["path", case].result()
+    needle = "does not exist" if case == "missing" else "config.json is a file; give the checkpoint directory"
+    assert_error(run, 2, needle)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------------------------
+
+def _png_claiming(path, width, height):
+    """A PNG whose header claims width x height (tiny data): Pillow checks the bomb limit from the header."""
+    random_image(0, (1, 1)).save(path, format="PNG")
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def _truncated(path, fmt):
+    random_image(3, (64, 64)).save(path, format=fmt)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BAD_IMAGES = {
+    "missing": (lambda p: None, "does not exist"),
+    "directory": (lambda p: p.mkdir(), "is a directory"),
+    "text-file": (lambda p: p.write_text("hello, not an image\n"), "is not an image file Pillow can read"),
+    "zero-bytes": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    "truncated-jpeg": (lambda p: _truncated(p, "JPEG"), "is truncated or corrupt"),
+    "truncated-png": (lambda p: _truncated(p, "PNG"), "is truncated or corrupt"),
+    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused.
+    "bomb-1x": (lambda p: _png_claiming(p, 10000, 10000), "too large to decode safely"),
+    "bomb-2x": (lambda p: _png_claiming(p, 20000, 10000), "too large to decode safely"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_image(runs, case):
+    run, unchanged = runs["bad-image", case].result()
+    assert f"{case}.img" in assert_error(run, 2, BAD_IMAGES[case][1])
+    assert "loaded" not in run.stderr and unchanged  # the image is checked before the model loads: fails fast
+
+
+def _gif(path):
+    frames = [random_image(i, (30, 20)).convert("P") for i in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def _exif_rotated(path):
+    im = random_image(5, (40, 20))
+    exif = im.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    im.save(path, exif=exif)
+
+
+def _palette_transparent(path):
+    im = random_image(6, (32, 32)).convert("P")
+    im.save(path, transparency=0)
+
+
+GOOD_IMAGES = {
+    "1x1.png": lambda p: random_image(0, (1, 1)).save(p),
+    "10000x10.png": lambda p: random_image(0, (10000, 10)).save(p),
+    "16bit.png": lambda p: Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(p),
+    "cmyk.jpg": lambda p: random_image(0, (30, 20)).convert("CMYK").save(p),
+    "palette-transparent.png": _palette_transparent,
+    "animated.gif": _gif,
+    "exif-rotated.jpg": _exif_rotated,
+}
+
+
+@pytest.mark.parametrize("name", list(GOOD_IMAGES))
+def test_odd_but_valid_image_runs(runs, name):
+    run, unchanged = runs["good-image", name].result()
+    assert_ok(run)
+    notes = [line for line in run.stderr.splitlines() if line.startswith("note:")]
+    assert notes == (["note: animated.gif has 3 frames; using the first"] if name == "animated.gif" else [])
+    # Nothing written anywhere the user did not ask for: not the checkpoint, not the working directory.
+    assert unchanged
+
+
+def test_odd_images_are_what_they_claim(tmp_path):
+    for name, mode in [("16bit.png", "I;16"), ("cmyk.jpg", "CMYK"), ("palette-transparent.png", "P")]:
+        GOOD_IMAGES[name](tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == mode, name
+
+
+def test_exif_rotation_gives_the_pre_rotated_pixels(tmp_path):
+    path = tmp_path / "rot.jpg"
+    _exif_rotated(path)
+    with Image.open(path) as raw:
+        stored = raw.convert("RGB")  # as stored, orientation not applied
+    upright = stored.transpose(Image.Transpose.ROTATE_270)
+    got = load_image(str(path))
+    assert got.size == (20, 40) and np.array_equal(np.asarray(got.convert("RGB")), np.asarray(upright))
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path):
+    path = tmp_path / "a.gif"
+    _gif(path)
+    with Image.open(path) as im:
+        first = im.convert("RGB")
+    assert np.array_equal(np.asarray(load_image(str(path)).convert("RGB")), np.asarray(first))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt and flags
+# ---------------------------------------------------------------------------------------------------------------
+
+PROMPTS = {"empty": "", "unicode-emoji": "¿qué ves? 日本語の説明 🐄🏖️ \u200d"}
+
+
+@pytest.mark.parametrize("case", list(PROMPTS))
+def test_empty_and_unicode_prompts_run(runs, case):
+    run, unchanged = runs["prompt", case].result()
+    assert_ok(run)
+    assert unchanged
+
+
+def test_float16_on_cpu_runs_with_a_note(runs):
+    run, _ = runs["float16", ""].result()
+    assert_ok(run)
+    assert "note: float16 on CPU works but is slow" in run.stderr
+
+
+def test_prompt_too_long_for_the_positions(runs):
+    assert_error(runs["too-long", ""].result()[0], 2, "exceeds the model's 8192 positions",
+                 "lower max_tokens_to_generate")
+
+
+FLAG_CASES = {
+    "max-tokens-0": (["--max_tokens_to_generate", "0"], "--max_tokens_to_generate must be a positive integer"),
+    "max-tokens-negative": (["--max_tokens_to_generate", "-3"], "--max_tokens_to_generate must be a positive"),
+    "max-tokens-float": (["--max_tokens_to_generate", "2.5"], "--max_tokens_to_generate must be a positive"),
+    "temperature-negative": (["--temperature", "-0.5"], "--temperature must be a number >= 0, got -0.5"),
+    "top-p-0": (["--top_p", "0"], "--top_p must be in (0, 1], got 0"),
+    "top-p-above-1": (["--top_p", "1.5"], "--top_p must be in (0, 1], got 1.5"),
+    "top-k-negative": (["--top_k", "-1"], "--top_k must be an integer >= 0, got -1"),
+    "do-sample-maybe": (["--do_sample", "maybe"], "--do_sample must be True or False, got 'maybe'"),
+    "seed-text": (["--seed", "abc"], "--seed must be an integer >= 0"),
+    "debug-text": (["--debug", "yes please"], "--debug must be True or False"),
+    "unknown-device": (["--device", "tpu"], "unknown device 'tpu'"),
+    "unknown-dtype": (["--dtype", "int8"], "unknown dtype 'int8'; use float32, bfloat16 or float16"),
+    "only-cpu-vs-device": (["--only_cpu", "True", "--device", "cuda"], "--only_cpu True contradicts --device cuda"),
+    "unknown-flag": (["--foo", "1"], "unknown flag --foo"),
+    "mistyped-flag": (["--top-pp", "0.5"], "unknown flag --top_pp; did you mean --top_p?"),
+    "single-dash": (["-x"], "unknown option -x"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+def test_bad_flag(runs, case):
+    run, _ = runs["flag", case].result()
+    assert_error(run, 2, FLAG_CASES[case][1])
+    assert "loaded" not in run.stderr  # refused before loading anything
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(runs):
+    assert_error(runs["cuda", ""].result()[0], 2, "device 'cuda' requested but CUDA is not available; use --device cpu")
+
+
+@pytest.mark.parametrize("missing", ["--model_path", "--image_file_path"])
+def test_missing_required_flag(runs, missing):
+    assert_error(runs["missing", missing].result()[0], 2, f"{missing} is required")
+
+
+def test_text_flags_are_not_parsed_as_python_literals(ckpt, jpg, monkeypatch, capsys):
+    """fire would turn --prompt 1e3 into 1000.0 and [1,2] into a list; the prompt must reach the model verbatim."""
+    seen = []
+    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, *a: seen.extend(prompts) or ["ok"])
+    for prompt in ["1e3", "[1,2]", "None", "'quoted'", "-5"]:
+        inference.cli(["--model_path", str(ckpt), "--image_file_path", str(jpg), "--prompt", prompt])
+    assert seen == ["1e3", "[1,2]", "None", "'quoted'", "-5"]
+    assert capsys.readouterr().out == "ok\n" * 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resources and unexpected failures (in-process: a real OOM cannot be provoked cheaply)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fail(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+    return raiser
+
+
+@pytest.mark.parametrize("where, exc, code, needles", [
+    ("load_hf_model", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), 1,
+     ["out of memory while loading the model", "--dtype bfloat16"]),
+    ("load_hf_model", MemoryError(), 1, ["out of memory while loading the model", "--dtype bfloat16"]),
+    ("generate", RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate: out of memory"), 1,
+     ["out of memory while generating", "lower --max_tokens_to_generate"]),
+    ("generate", KeyError("boom"), 1, ["unexpected KeyError while generating", "rerun with --debug"]),
+    ("load_hf_model", KeyboardInterrupt(), 130, ["interrupted while loading the model"]),
+])
+def test_resource_and_unexpected_failures_are_one_line(ckpt, jpg, monkeypatch, capsys, where, exc, code, needles):
+    monkeypatch.setattr(inference, where, _fail(exc))
+    with pytest.raises(SystemExit) as info:
+        inference.main(str(ckpt), "caption en", str(jpg), max_tokens_to_generate=2)
+    assert info.value.code == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def test_debug_shows_the_real_exception(ckpt, jpg, monkeypatch):
+    monkeypatch.setattr(inference, "load_hf_model", _fail(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        inference.main(str(ckpt), "caption en", str(jpg), debug=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# processor fuzz
+# ---------------------------------------------------------------------------------------------------------------
+
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16"]
+
+
+@st.composite
+def pil_images(draw):
+    mode = draw(st.sampled_from(MODES))
+    w, h = draw(st.integers(0, 48)), draw(st.integers(0, 48))
+    if w == 0 or h == 0:
+        return Image.new(mode, (w, h))
+    arr = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    try:
+        im = Image.fromarray(arr).convert(mode)
+    except ValueError:
+        im = Image.new(mode, (w, h))
+    if mode == "P" and draw(st.booleans()):
+        im.info["transparency"] = 0
+    return im
+
+
+@pytest.fixture(scope="module")
+def processor(ckpt):
+    from transformers import AutoTokenizer
+
+    return PaliGemmaProcessor(AutoTokenizer.from_pretrained(str(ckpt)), 16, 56)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=pil_images(), prompt=st.text(max_size=40))
+def test_processor_fuzz_raises_only_processor_error(processor, image, prompt):
+    try:
+        out = processor(text=[prompt], images=[image])
+    except ProcessorError:
+        assert image.width == 0 or image.height == 0 or image.mode in ("LAB", "HSV")
+        return
+    assert out["pixel_values"].shape == (1, 3, 56, 56) and torch.isfinite(out["pixel_values"]).all()
+    assert out["input_ids"].shape[1] >= 16 + 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every CLI run of this module, started together on all cores (each is ~1-4 s of mostly single-threaded imports)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _job(args, watch, cwd):
+    before = [_snapshot(w) for w in watch]
+    run = run_cli(*args, cwd=cwd)
+    unchanged = [_snapshot(w) for w in watch] == before and list(cwd.iterdir()) == []
+    return run, unchanged
+
+
+def cli_jobs(ckpt, jpg, base) -> dict:
+    """(kind, case) -> (CLI arguments, directories that must stay unchanged); builds the inputs under base."""
+    fast = ["--max_tokens_to_generate", 2]
+    jobs = {}  # slowest (full runs) first, so both cores stay busy to the end
+    for name, make in GOOD_IMAGES.items():
+        make(base / name)
+        jobs["good-image", name] = (["--model_path", ckpt, "--image_file_path", base / name, *fast], [ckpt])
+    for case, prompt in PROMPTS.items():
+        jobs["prompt", case] = (["--model_path", ckpt, "--image_file_path", jpg, "--prompt", prompt, *fast], [ckpt])
+    jobs["float16", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--dtype", "float16", "--only_cpu",
+                            "True", *fast], [ckpt])
+    jobs["too-long", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--max_tokens_to_generate", 8000], [])
+    for case, (mutate, _) in CHECKPOINT_CASES.items():
+        path = base / "ckpt" / case
+        shutil.copytree(ckpt, path)
+        mutate(path)
+        jobs["ckpt", case] = (["--model_path", path, "--image_file_path", jpg, *fast], [path])
+    jobs["path", "missing"] = (["--model_path", base / "nope", "--image_file_path", jpg], [])
+    jobs["path", "file"] = (["--model_path", ckpt / "config.json", "--image_file_path", jpg], [])
+    for case, (make, _) in BAD_IMAGES.items():
+        make(base / f"{case}.img")
+        jobs["bad-image", case] = (["--model_path", ckpt, "--image_file_path", base / f"{case}.img"], [ckpt])
+    for case, (extra, _) in FLAG_CASES.items():
+        jobs["flag", case] = (["--model_path", ckpt, "--image_file_path", jpg, *fast, *extra], [])
+    jobs["cuda", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--device", "cuda"], [])
+    jobs["missing", "--model_path"] = (["--image_file_path", jpg], [])
+    jobs["missing", "--image_file_path"] = (["--model_path", ckpt], [])
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def runs(ckpt, jpg, tmp_path_factory):
+    """(kind, case) -> future of (CompletedProcess, checkpoint and working directory unchanged)."""
+    base = tmp_path_factory.mktemp("cli")
+    jobs = cli_jobs(ckpt, jpg, base)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {}
+        for i, (key, (args, watch)) in enumerate(jobs.items()):
+            cwd = base / "cwd" / str(i)
+            cwd.mkdir(parents=True)
+            futures[key] = pool.submit(_job, args, watch, cwd)
+        yield futures
