@@ -22,8 +22,8 @@ from safetensors import SafetensorError, safe_open
 from modeling_gemma import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from modeling_siglip import SiglipVisionConfig
 
-# Converting a float32 checkpoint to bf16 (or copying to a GPU) goes through staging buffers of at most this
-# many bytes, so the 2.1 GB embedding never exists twice in host memory.
+# Converting a float32 checkpoint to bf16 (or copying to a GPU) reads through one staging buffer of this many
+# bytes, so the 2.1 GB float32 embedding never exists in host memory beside its converted copy.
 _CHUNK_BYTES = 64 << 20
 
 
@@ -176,21 +176,46 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_tensor(f, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Read one tensor into `dtype` on `device`; converts through bounded staging buffers (see _CHUNK_BYTES)."""
-    sl = f.get_slice(key)
-    shape = sl.get_shape()
-    src_dtype = _SAFETENSORS_DTYPES[sl.get_dtype()]
-    if src_dtype == dtype and device.type == "cpu":
-        return f.get_tensor(key)  # already in the right form: one read, no staging
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if not shape:
-        return out.copy_(f.get_tensor(key))
-    row_bytes = max(1, src_dtype.itemsize * (out.numel() // shape[0]))
-    step = max(1, _CHUNK_BYTES // row_bytes)
-    for r in range(0, shape[0], step):
-        out[r:r + step].copy_(sl[r:r + step])
-    return out
+class _ShardReader:
+    """Reads tensors of one safetensors file by explicit file reads into a reused staging buffer.
+
+    Used when the stored dtype or device differs from the target. Converting through safetensors' zero-copy
+    slices would fault the whole float32 shard into this process's memory map (counted in RSS until the file
+    closes: a float32 checkpoint loaded as bf16 peaked at 1.78x the bf16 weights). Plain reads keep the peak at
+    the converted weights plus one staging buffer.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        header_len = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(header_len))
+        self.data_start = 8 + header_len  # data_offsets are relative to the end of the header
+        self.staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+
+    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        info = self.header[key]
+        src_dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        out = torch.empty(info["shape"], dtype=dtype, device=device)
+        flat = out.view(-1)
+        per_chunk = _CHUNK_BYTES // src_dtype.itemsize
+        offset = self.data_start + info["data_offsets"][0]
+        buf = memoryview(self.staging.numpy())
+        for start in range(0, flat.numel(), per_chunk):
+            n = min(per_chunk, flat.numel() - start)
+            nbytes = n * src_dtype.itemsize
+            self.file.seek(offset + start * src_dtype.itemsize)
+            got = 0
+            while got < nbytes:  # raw reads may return short
+                r = self.file.readinto(buf[got:nbytes])
+                if not r:
+                    raise CheckpointError(f"{Path(self.file.name).name} ends inside tensor {key}; re-download it")
+                got += r
+            # safetensors stores little-endian data, which is every platform torch runs on.
+            flat[start:start + n].copy_(self.staging[:nbytes].view(src_dtype))
+        return out
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -204,6 +229,7 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
     loaded: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for path in weight_files(model_path):
+        reader: _ShardReader | None = None  # opened on the first tensor that needs converting
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -232,10 +258,18 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
                             f"{path.name}: tensor {key} has shape {tuple(shape)}, expected {tuple(expected[name])} "
                             "from config.json; the checkpoint and its config disagree"
                         )
-                    loaded[name] = _read_tensor(f, key, dtype, device)
+                    if _SAFETENSORS_DTYPES[sl.get_dtype()] == dtype and device.type == "cpu":
+                        # Zero-copy: the tensor is a view of the file's memory map, paged in on first use.
+                        loaded[name] = f.get_tensor(key)
+                    else:
+                        reader = reader or _ShardReader(path)
+                        loaded[name] = reader.read(key, dtype, device)
                     where[name] = path.name
         except SafetensorError as e:
             raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
+        finally:
+            if reader is not None:
+                reader.close()
     missing = [k for k in expected if k not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
