@@ -435,6 +435,7 @@ def cli(argv: list[str] | None = None) -> None:
 
     try:
         fire.Fire(main, command=argv, name="inference.py")
+        sys.stdout.flush()  # a block-buffered stdout would otherwise fail only at exit, outside this handler
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): not worth a traceback
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet
         _log("error: stdout was closed before the answer was written (e.g. piped into head)")

@@ -274,6 +274,12 @@ def test_float16_on_cpu_runs_with_a_note(runs):
     assert "note: float16 on CPU works but is slow" in run.stderr
 
 
+def test_closed_stdout_is_one_line_not_a_traceback(runs):
+    run, unchanged = runs["closed-stdout", ""].result()
+    assert_error(run, 1, "stdout was closed before the answer was written")
+    assert unchanged
+
+
 def test_prompt_too_long_for_the_positions(runs):
     assert_error(runs["too-long", ""].result()[0], 2, "exceeds the model's 8192 positions",
                  "lower max_tokens_to_generate")
@@ -296,6 +302,7 @@ FLAG_CASES = {
     "unknown-flag": (["--foo", "1"], "unknown flag --foo"),
     "mistyped-flag": (["--top-pp", "0.5"], "unknown flag --top_pp; did you mean --top_p?"),
     "single-dash": (["-x"], "unknown option -x"),
+    "flag-without-value": (["--top_p"], "--top_p needs a value"),
 }
 
 
@@ -409,9 +416,19 @@ def test_processor_fuzz_raises_only_processor_error(processor, image, prompt):
 # every CLI run of this module, started together on all cores (each is ~1-4 s of mostly single-threaded imports)
 # ---------------------------------------------------------------------------------------------------------------
 
+def _closed_stdout_run(args, cwd) -> subprocess.CompletedProcess:
+    """Run the CLI with its stdout pipe already closed, as `inference.py ... | head -c0` does."""
+    cmd = [sys.executable, str(ROOT / "inference.py"), *map(str, args)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return subprocess.CompletedProcess(cmd, proc.wait(timeout=120), "", err)
+
+
 def _job(args, watch, cwd):
     before = [_snapshot(w) for w in watch]
-    run = run_cli(*args, cwd=cwd)
+    run = _closed_stdout_run(args[1:], cwd) if args[0] == "closed-stdout" else run_cli(*args, cwd=cwd)
     unchanged = [_snapshot(w) for w in watch] == before and list(cwd.iterdir()) == []
     return run, unchanged
 
@@ -427,6 +444,7 @@ def cli_jobs(ckpt, jpg, base) -> dict:
         jobs["prompt", case] = (["--model_path", ckpt, "--image_file_path", jpg, "--prompt", prompt, *fast], [ckpt])
     jobs["float16", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--dtype", "float16", "--only_cpu",
                             "True", *fast], [ckpt])
+    jobs["closed-stdout", ""] = (["closed-stdout", "--model_path", ckpt, "--image_file_path", jpg, *fast], [ckpt])
     jobs["too-long", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--max_tokens_to_generate", 8000], [])
     for case, (mutate, _) in CHECKPOINT_CASES.items():
         path = base / "ckpt" / case
