@@ -15,7 +15,7 @@ PaliGemma / PaliGemma 2 papers (arXiv:2407.07726, 2412.03555).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -465,7 +465,3 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             logits = torch.tanh(logits / c) * c
         return {"logits": logits}
 
-
-def config_field_names(cls) -> set[str]:
-    """Names of a config dataclass's fields (used by the loader to reject nothing and map what it knows)."""
-    return {f.name for f in fields(cls)}
