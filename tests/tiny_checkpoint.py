@@ -72,6 +72,18 @@ def _sparse_config(variant, num_key_value_heads, image_size, dtype, sliding_wind
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE}")
     num_image_tokens = (size // PATCH_SIZE) ** 2
     dt = _dtype_name(dtype)
+    # The vision section both hub configs share; each variant adds its own extra field below.
+    vision_common = {
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": VISION_INTERMEDIATE,
+        "model_type": "siglip_vision_model",
+        "num_attention_heads": VISION_HEADS,
+        "num_hidden_layers": VISION_LAYERS,
+        "num_image_tokens": num_image_tokens,
+        "patch_size": PATCH_SIZE,
+        "projection_dim": TEXT_HIDDEN,
+        "vision_use_head": False,
+    }
     if variant == "pg1":
         text_config = {
             "hidden_size": TEXT_HIDDEN,
@@ -84,18 +96,8 @@ def _sparse_config(variant, num_key_value_heads, image_size, dtype, sliding_wind
             "torch_dtype": dt,
             "vocab_size": t["vocab_size"],
         }
-        vision_config = {
-            "hidden_size": VISION_HIDDEN,
-            "intermediate_size": VISION_INTERMEDIATE,
-            "model_type": "siglip_vision_model",
-            "num_attention_heads": VISION_HEADS,
-            "num_hidden_layers": VISION_LAYERS,
-            "num_image_tokens": num_image_tokens,
-            "patch_size": PATCH_SIZE,
-            "projection_dim": TEXT_HIDDEN,
-            "projector_hidden_act": "gelu_fast",
-            "vision_use_head": False,
-        }
+        # The PaliGemma 1 hub file also carries the (unused) projector activation.
+        vision_config = dict(vision_common, projector_hidden_act="gelu_fast")
         top = {
             "architectures": ["PaliGemmaForConditionalGeneration"],
             "bos_token_id": 2,
@@ -122,18 +124,7 @@ def _sparse_config(variant, num_key_value_heads, image_size, dtype, sliding_wind
             "torch_dtype": dt,
             "vocab_size": t["vocab_size"],
         }
-        vision_config = {
-            "hidden_size": VISION_HIDDEN,
-            "intermediate_size": VISION_INTERMEDIATE,
-            "model_type": "siglip_vision_model",
-            "num_attention_heads": VISION_HEADS,
-            "num_hidden_layers": VISION_LAYERS,
-            "num_image_tokens": num_image_tokens,
-            "patch_size": PATCH_SIZE,
-            "projection_dim": TEXT_HIDDEN,
-            "torch_dtype": dt,
-            "vision_use_head": False,
-        }
+        vision_config = dict(vision_common, torch_dtype=dt)
         top = {
             "architectures": ["PaliGemmaForConditionalGeneration"],
             "bos_token_id": 2,
