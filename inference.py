@@ -16,7 +16,7 @@ import os
 import struct
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -99,11 +99,13 @@ def generate_ids(
     seed: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Generate up to max_new_tokens per row -> (B, n) new token ids; after a row's EOS it holds padding.
 
     eos_token_ids: default from the config ([1], or [1, 107] for PaliGemma 2); an empty list ignores EOS
-    (benchmarks force a fixed length that way). seed fixes the sampling generator.
+    (benchmarks force a fixed length that way). seed fixes the sampling generator. on_token, if given, is called
+    with each step's tokens (B,) as soon as they are chosen (streaming); rows already finished hold pad_token_id.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -138,6 +140,8 @@ def generate_ids(
         token = sample_next_token(logits, do_sample, temperature, top_p, top_k, generator)
         token = token.masked_fill(finished, pad)
         out.append(token)
+        if on_token is not None:
+            on_token(token)
         finished |= torch.isin(token, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
