@@ -59,6 +59,30 @@ def sample_next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def cpu_has_bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX on x86, BF16 on Arm), read from Linux's
+    /proc/cpuinfo; False elsewhere. Without it, oneDNN emulates bf16 matmuls several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def auto_prefill_dtype(model: PaliGemmaForConditionalGeneration) -> torch.dtype:
+    """The arithmetic dtype for the prefill: the weights' dtype, except bf16/fp16 weights on a CPU without
+    native bf16 arithmetic, which prefill in float32 (the prefill is compute-bound; decode is memory-bound and
+    stays in the weights' dtype, so it keeps reading half the bytes)."""
+    if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
+        if model.dtype == torch.float16 or not cpu_has_bf16_arithmetic():
+            return torch.float32
+    return model.dtype
+
+
 def prefill(
     model: PaliGemmaForConditionalGeneration,
     input_ids: torch.Tensor,
@@ -66,11 +90,12 @@ def prefill(
     attention_mask: torch.Tensor,
     kv_cache: KVCache,
     position_ids: torch.Tensor,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Run the vision tower and the whole prompt once, filling the cache; logits (B, V) for the last position."""
     input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
     out = model(input_ids, pixel_values, attention_mask, kv_cache=kv_cache, input_pos=input_pos,
-                position_ids=position_ids, num_logits_to_keep=1)
+                position_ids=position_ids, num_logits_to_keep=1, compute_dtype=compute_dtype)
     return out["logits"][:, -1]
 
 
@@ -81,8 +106,26 @@ def decode_one_token(
     position_ids: torch.Tensor,
     kv_cache: KVCache,
 ) -> torch.Tensor:
-    """One cached step: token (B, 1) at cache slot input_pos (1,) and RoPE positions (B, 1) -> logits (B, V)."""
+    """One cached step: token (B, 1) at cache slot input_pos (1,) and RoPE positions (B, 1) -> logits (B, V).
+
+    Shapes are static and positions are tensors, so the step can be compiled once (CUDA graphs) and replayed."""
     return model(token, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids)["logits"][:, -1]
+
+
+def compiled_decode_step(model: PaliGemmaForConditionalGeneration):
+    """decode_one_token compiled for this model (cached on it): mode "reduce-overhead" on CUDA, i.e. one CUDA graph
+    replayed per token; the default inductor mode elsewhere. The first calls of each new shape compile."""
+    fn = getattr(model, "_compiled_decode", None)
+    if fn is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+        model._compiled_decode = fn
+    return fn
+
+
+# On an accelerator, reading `finished.all()` waits for the GPU; checking EOS every few steps keeps the host
+# ahead of the device. Rows that finished meanwhile only get padding, so the output is the same.
+_EOS_CHECK_EVERY = {"cpu": 1}
 
 
 @torch.inference_mode()
@@ -100,12 +143,17 @@ def generate_ids(
     eos_token_ids: Sequence[int] | None = None,
     pad_token_id: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    compile: bool = False,
+    prefill_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Generate up to max_new_tokens per row -> (B, n) new token ids; after a row's EOS it holds padding.
 
     eos_token_ids: default from the config ([1], or [1, 107] for PaliGemma 2); an empty list ignores EOS
     (benchmarks force a fixed length that way). seed fixes the sampling generator. on_token, if given, is called
     with each step's tokens (B,) as soon as they are chosen (streaming); rows already finished hold pad_token_id.
+    compile: run the decode step through torch.compile (worth it on CUDA: one CUDA graph per token; the first
+    call compiles for tens of seconds). prefill_dtype: arithmetic dtype of the prefill, default
+    auto_prefill_dtype(model).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -132,10 +180,14 @@ def generate_ids(
     # RoPE positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
-    logits = prefill(model, input_ids, pixel_values, attention_mask, cache, position_ids)
+    logits = prefill(model, input_ids, pixel_values, attention_mask, cache, position_ids,
+                     prefill_dtype or auto_prefill_dtype(model))
+    step_fn = compiled_decode_step(model) if compile else decode_one_token
+    check_every = _EOS_CHECK_EVERY.get(device.type, 8)
 
     out = []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    input_pos = torch.tensor([T], device=device)  # cache slot of the next token, advanced on the device
     for step in range(max_new_tokens):
         token = sample_next_token(logits, do_sample, temperature, top_p, top_k, generator)
         token = token.masked_fill(finished, pad)
@@ -143,10 +195,11 @@ def generate_ids(
         if on_token is not None:
             on_token(token)
         finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
             break
-        input_pos = torch.tensor([T + step], device=device)
-        logits = decode_one_token(model, token[:, None], input_pos, next_pos, cache)
+        logits = step_fn(model, token[:, None], input_pos, next_pos, cache)
+        # New tensors, not in-place updates: a CUDA-graph step may still hold the previous ones as inputs.
+        input_pos = input_pos + 1
         next_pos = next_pos + 1
     return torch.stack(out, dim=1)
 

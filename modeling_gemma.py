@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_siglip import SiglipVisionConfig, SiglipVisionModel, gelu_tanh
+from modeling_siglip import Linear, SiglipVisionConfig, SiglipVisionModel, gelu_tanh
 
 
 @dataclass
@@ -240,10 +240,10 @@ class GemmaAttention(nn.Module):
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.softcap = config.attn_logit_softcapping
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
 
     def forward(
         self,
@@ -262,6 +262,8 @@ class GemmaAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, input_pos, k, v)  # (B, H_kv, S, hd)
+            if k.dtype != q.dtype:  # a float32 prefill over a bf16 cache (forward's compute_dtype)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         y = grouped_attention(q, k, v, mask, self.scale, self.softcap)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
@@ -269,9 +271,9 @@ class GemmaAttention(nn.Module):
 class GemmaMLP(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gated GELU (tanh approximation): down(gelu(gate(x)) * up(x)).
@@ -327,7 +329,7 @@ class PaliGemmaMultiModalProjector(nn.Module):
     def __init__(self, config: PaliGemmaConfig):
         super().__init__()
         # One Linear with bias, no activation (config's projector_hidden_act is unused by every checkpoint).
-        self.linear = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
+        self.linear = Linear(config.vision_config.hidden_size, config.projection_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
@@ -386,21 +388,23 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         """A cache sized for `max_seq_len` positions (prompt + new tokens) on the model's device and dtype."""
         return KVCache(self.config.text_config, batch_size, max_seq_len, self.dtype, self.device)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def get_image_features(self, pixel_values: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_image_tokens, text hidden): vision tower then projector, no scaling."""
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+        return self.multi_modal_projector(self.vision_tower(pixel_values, compute_dtype))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, compute_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Token embeddings with the image features placed at the <image> positions. (B, T, D)"""
         embed_tokens = self.language_model.model.embed_tokens
         is_image = input_ids == self.config.image_token_index
         # <image> may lie beyond the embedding rows in a custom vocab; its row is replaced below anyway.
-        x = embed_tokens(input_ids.masked_fill(is_image, 0))
+        x = embed_tokens(input_ids.masked_fill(is_image, 0)).to(compute_dtype or self.dtype)
         # Gemma scales text embeddings by sqrt(hidden), with the multiplier rounded to the activation dtype
         # first (45.25 in bf16 for 2048), exactly as the reference does.
         x = x * torch.tensor(math.sqrt(self.config.text_config.hidden_size), dtype=x.dtype)
         if pixel_values is not None:
-            feats = self.get_image_features(pixel_values).to(x.dtype)  # (B_img, N, D)
+            feats = self.get_image_features(pixel_values, x.dtype).to(x.dtype)  # (B_img, N, D)
             n_slots = int(is_image.sum())
             if n_slots != feats.shape[0] * feats.shape[1]:
                 raise ValueError(
@@ -422,6 +426,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         position_ids: torch.Tensor | None = None,
         prefix_len: int | torch.Tensor | None = None,
         num_logits_to_keep: int = 0,
+        compute_dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the decoder over `input_ids` (B, T) and return {"logits": (B, T or num_logits_to_keep, V)}.
 
@@ -430,7 +435,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         `input_pos` (T,) gives the cache slots to write (required). position_ids: (B, T) RoPE positions per row
         (default: input_pos). prefix_len: tokens at positions < prefix_len attend bidirectionally; default: the
         tokens of this call form one bidirectional block (prefill), which for one token is plain causal decoding.
-        num_logits_to_keep: 0 = all positions, n = the last n (generation needs 1).
+        num_logits_to_keep: 0 = all positions, n = the last n (generation needs 1). compute_dtype: the dtype the
+        activations and arithmetic use (default: the weights'); weights of another dtype are cast per layer, the
+        KV cache keeps its own dtype. generate_ids prefills bf16 weights in float32 on CPUs without bf16 arithmetic.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -443,7 +450,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if position_ids is None:
             position_ids = input_pos[None].expand(B, T)
 
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, compute_dtype)
         text = self.config.text_config
         if kv_cache is not None:
             key_valid = kv_cache.update_mask(input_pos, attention_mask)
@@ -459,7 +466,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
         x = lm.norm(x)
-        logits = F.linear(x, lm.embed_tokens.weight)  # lm_head tied to the token embeddings
+        # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
+        # 257k x hidden weight to x's (a float32 copy of it would be 2 GB).
+        logits = F.linear(x.to(lm.embed_tokens.weight.dtype), lm.embed_tokens.weight)
         if text.final_logit_softcapping is not None:
             c = text.final_logit_softcapping
             logits = torch.tanh(logits / c) * c

@@ -46,21 +46,51 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+# The layers below compute in the dtype of their INPUT: a parameter of another dtype is cast for the call. With
+# activations in the weights' dtype (the normal case) nothing changes. It lets bfloat16 weights run the prefill in
+# float32 on CPUs without bfloat16 arithmetic (PaliGemmaForConditionalGeneration.forward's compute_dtype), where
+# bf16 matmuls are several times slower than fp32 ones, while decode (memory-bound) stays in bf16.
+
+def _like(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return p if p is None or p.dtype == x.dtype else p.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computing in the input's dtype (see above); same parameters and state_dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _like(self.weight, x), _like(self.bias, x))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computing in the input's dtype (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, _like(self.weight, x), _like(self.bias, x), self.eps)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d computing in the input's dtype (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _like(self.weight, x), _like(self.bias, x))
+
+
 class SiglipVisionEmbeddings(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
         # Non-overlapping patches: kernel == stride == patch_size, no padding ("valid").
-        self.patch_embedding = nn.Conv2d(
+        self.patch_embedding = Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         # Learned absolute positions, one per patch (sized by image_size, so 224/448/896 differ here).
         self.position_embedding = nn.Embedding(config.num_image_tokens, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, S/p, S/p)
+        x = self.patch_embedding(pixel_values)  # (B, D, S/p, S/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         # Adding the weight directly (not an index lookup) keeps the graph free of an arange buffer.
-        return x + self.position_embedding.weight
+        return x + _like(self.position_embedding.weight, x)
 
 
 class SiglipAttention(nn.Module):
@@ -70,10 +100,10 @@ class SiglipAttention(nn.Module):
         self.head_dim = config.head_dim
         d = config.hidden_size
         # SigLIP attention projections carry biases (Gemma's do not).
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -89,8 +119,8 @@ class SiglipAttention(nn.Module):
 class SiglipMLP(nn.Module):
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(gelu_tanh(self.fc1(x)))
@@ -101,9 +131,9 @@ class SiglipEncoderLayer(nn.Module):
 
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = SiglipAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = SiglipMLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +158,7 @@ class SiglipVisionTransformer(nn.Module):
         self.embeddings = SiglipVisionEmbeddings(config)
         self.encoder = SiglipEncoder(config)
         # PaliGemma feeds the post-LN patch tokens to the projector; there is no attention-pooling head.
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
@@ -143,5 +173,6 @@ class SiglipVisionModel(nn.Module):
         # The extra `vision_model` level exists only so attribute paths equal the checkpoint keys.
         self.vision_model = SiglipVisionTransformer(config)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.vision_model(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """compute_dtype: the arithmetic dtype (default: the weights'); pixels are cast to it."""
+        return self.vision_model(pixel_values.to(compute_dtype or self.vision_model.post_layernorm.weight.dtype))

@@ -1,0 +1,354 @@
+"""Generation speed, this project vs transformers, on the same checkpoint, side by side in one invocation.
+
+    python benchmarks/speed.py --ckpt /tmp/pg-3b-224-f32 --dtypes float32,bfloat16           # CPU
+    python benchmarks/speed.py --make /tmp/pg-3b-224-bf16 --ckpt-dtype bfloat16 --device cuda  # GPU
+
+Every measurement runs in a FRESH subprocess, one after another (so peak memory and caches are each run's own):
+load the checkpoint, then one greedy generation of the same prompt (one image + "caption en", 260 tokens) for
+exactly --new-tokens tokens (EOS ignored by both), with the same thread count. The parent prints a markdown
+table to stdout, with ours/transformers ratios against the transformers run of the same dtype (and, on CPU,
+against transformers' fastest CPU setting):
+
+- load s: checkpoint directory -> model ready (ours includes the tokenizer);
+- peak RSS (host) and, on CUDA, peak allocated device memory; weights = bytes of the model's tensors;
+- TTFT: time to first token = vision tower + prefill + first token, from token ids already built;
+- decode tok/s: (new tokens - 1) / time from the first to the last token;
+- same tokens: whether the run's greedy ids equal transformers' of the same dtype.
+
+Ablation rows (`--ablate`) rerun ours with one optimisation switched off, so the table shows what each bought:
+`unfused` (separate q/k/v and gate/up matmuls), `1 thread`, `fp32 prefill` / `bf16 prefill` (the arithmetic
+dtype of the prefill when the weights are bf16), `lazy weights` (zero-copy mmap'd float32 weights, paged in
+during the first forward instead of during the load).
+
+On CUDA it adds, per run, the share of the bandwidth ceiling reached in decode (bytes of decoder + lm_head
+weights read per token x tokens/s, over a device-to-device copy measured in the same process) and batch
+captioning throughput (images/s for --batch-sizes images x 32 new tokens, including prefill). transformers runs
+twice there: its default dynamic cache, and a static cache + torch.compile. Ours compiles with --compile.
+
+Progress and diagnostics go to stderr. No threshold is asserted: these machines are noisy, read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULT_PREFIX = "SPEED_RESULT "
+GB = 1e9
+PROMPT = "caption en"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# child: one load + one generation, in its own process
+# ---------------------------------------------------------------------------------------------------------------
+
+def _inputs(ckpt: str, batch: int = 1) -> dict:
+    """Token ids, mask and pixels of the benchmark prompt, built by our processor (identical for both impls)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO))
+    import utils
+    from processing_paligemma import PaliGemmaProcessor
+
+    config = utils.load_config(ckpt)
+    tok = utils.load_tokenizer(ckpt, config)
+    vc = config.vision_config
+    proc = PaliGemmaProcessor(tok, vc.num_image_tokens, vc.image_size)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random((240, 320, 3)) * 255).astype("uint8")) for _ in range(batch)]
+    return proc(text=[PROMPT] * batch, images=images)
+
+
+class _Clock:
+    """Timestamps of the first and the last new token (device work finished at each, via synchronize)."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.t_first: float | None = None
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def first(self) -> None:
+        if self.t_first is None:
+            self.sync()
+            self.t_first = time.perf_counter()
+
+    def stop(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+
+def _ours(args, device, dtype):
+    """Load ours; returns (model, tokenizer, generate(inputs, n, clock) -> ids)."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    import utils
+    from inference import generate_ids
+
+    model, tok = utils.load_hf_model(args.ckpt, device, dtype, fuse=not args.unfused, resident=not args.lazy)
+    if args.prefill_dtype:
+        model.prefill_dtype = getattr(torch, args.prefill_dtype)
+
+    def gen(inputs, n, clock=None):
+        return generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                            max_new_tokens=n, eos_token_ids=[], compile=args.compile,
+                            on_token=(lambda _t: clock.first()) if clock else None)
+
+    return model, gen
+
+
+def _theirs(args, device, dtype):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(args.ckpt, dtype=dtype).to(device).eval()
+
+    class Streamer:  # transformers calls put() with the prompt first, then with every new token
+        def __init__(self, clock):
+            self.clock, self.calls = clock, 0
+
+        def put(self, _value):
+            self.calls += 1
+            if self.calls == 2:
+                self.clock.first()
+
+        def end(self):
+            pass
+
+    extra = {}
+    if args.impl == "transformers-static":
+        extra = {"cache_implementation": "static"}  # transformers compiles the static-cache forward itself
+
+    def gen(inputs, n, clock=None):
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=inputs["input_ids"].to(device), pixel_values=inputs["pixel_values"].to(device, dtype),
+                attention_mask=inputs["attention_mask"].to(device),
+                token_type_ids=torch.zeros_like(inputs["input_ids"]).to(device),  # all prompt: prefix-LM block
+                max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=Streamer(clock) if clock else None,
+                **extra)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+    return model, gen
+
+
+def _weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _decode_bytes(model) -> int:
+    """Bytes read per decoded token: every decoder weight plus the (tied) 257k-row embedding as the LM head."""
+    total = 0
+    for name, t in model.state_dict().items():
+        if "vision" not in name and "multi_modal" not in name:
+            total += t.numel() * t.element_size()
+    return total  # embed_tokens counted once: its lookup reads one row, the LM head reads it all
+
+
+def _copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (the decode ceiling's yardstick)."""
+    import torch
+
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 10 / (time.perf_counter() - t0)
+
+
+def run_child(args) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    inputs = _inputs(args.ckpt)
+    t0 = time.perf_counter()
+    model, gen = (_ours if args.impl == "ours" else _theirs)(args, device, dtype)
+    load_s = time.perf_counter() - t0
+    for _ in range(args.warmup):  # CUDA: first calls compile / autotune; CPU runs cold (warmup 0)
+        gen(inputs, min(args.new_tokens, 4) if not args.compile else args.new_tokens)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = _Clock(device)
+    clock.start()
+    ids = gen(inputs, args.new_tokens, clock)
+    t_end = clock.stop()
+    res = {
+        "impl": args.impl, "variant": args.variant, "dtype": args.dtype, "device": str(device),
+        "threads": torch.get_num_threads(), "load_s": load_s, "ttft_s": clock.t_first - clock.t0,
+        "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first), "new_tokens": args.new_tokens,
+        "prompt_len": int(inputs["input_ids"].shape[1]), "ids": ids[0].tolist(),
+        "weight_bytes": _weight_bytes(model), "decode_bytes": _decode_bytes(model),
+        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if device.type == "cuda":
+        res["peak_cuda"] = torch.cuda.max_memory_allocated(device)
+        res["copy_bw"] = _copy_bandwidth(device)
+        res["images_s"] = {}
+        for b in args.batch_sizes:
+            batch = _inputs(args.ckpt, b)
+            gen(batch, 32)  # warm this shape
+            clock = _Clock(device)
+            clock.start()
+            gen(batch, 32)
+            res["images_s"][b] = b / (clock.stop() - clock.t0)
+            print(f"  batch {b}: {res['images_s'][b]:.1f} images/s", file=sys.stderr, flush=True)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parent: spawn children, print the table
+# ---------------------------------------------------------------------------------------------------------------
+
+# name -> extra child flags; each ablation switches ONE optimisation of ours off (or picks the other option).
+ABLATIONS = {
+    "unfused": ["--unfused"],
+    "1 thread": ["--threads", "1"],
+    "lazy weights": ["--lazy"],
+    "fp32 prefill": ["--prefill-dtype", "float32"],
+    "bf16 prefill": ["--prefill-dtype", "bfloat16"],
+}
+
+
+def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | None = None) -> dict | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--dtype", dtype,
+           "--ckpt", args.ckpt, "--device", args.device, "--new-tokens", str(args.new_tokens),
+           "--threads", str(args.threads), "--warmup", str(args.warmup), "--variant", variant,
+           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--compile"] if args.compile else [])
+    cmd += extra or []
+    label = f"[{impl}{' ' + variant if variant else ''} {dtype}]"
+    print(f"{label} running ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(REPO), timeout=args.child_timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stdout[-3000:])
+        print(f"{label} FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+        return None
+    r = json.loads(lines[-1][len(RESULT_PREFIX):])
+    print(f"{label} load {r['load_s']:.1f}s, TTFT {r['ttft_s']:.3f}s, decode {r['decode_tok_s']:.2f} tok/s, "
+          f"peak RSS {r['peak_rss'] / GB:.2f} GB (weights {r['weight_bytes'] / GB:.2f} GB), "
+          f"process {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    return r
+
+
+def format_table(results: list[dict]) -> str:
+    theirs = {r["dtype"]: r for r in results if r["impl"] == "transformers"}
+    cpu = all(r["device"] == "cpu" for r in results)
+    fastest = max(theirs.values(), key=lambda r: r["decode_tok_s"], default=None)
+    head = ["impl", "dtype", "threads", "load s", "peak RSS GB", "RSS/weights", "TTFT s", "decode tok/s",
+            "TTFT ours/HF", "decode ours/HF", "same tokens"]
+    if cpu and fastest:
+        head.insert(-1, f"decode vs HF fastest ({fastest['dtype']})")
+    if not cpu:
+        head[4:4] = ["peak CUDA GB"]
+        head += ["% BW ceiling"] + [f"img/s B={b}" for b in results[0].get("images_s", {})]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ref = theirs.get(r["dtype"]) if r["impl"] != "transformers" else None
+        name = r["impl"] + (f" ({r['variant']})" if r["variant"] else "")
+        cells = [name, r["dtype"], str(r["threads"]), f"{r['load_s']:.1f}", f"{r['peak_rss'] / GB:.2f}",
+                 f"{r['peak_rss'] / r['weight_bytes']:.2f}", f"{r['ttft_s']:.3f}", f"{r['decode_tok_s']:.2f}",
+                 f"{r['ttft_s'] / ref['ttft_s']:.2f}" if ref else "",
+                 f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "",
+                 ("yes" if r["ids"] == ref["ids"] else "no") if ref else ""]
+        if cpu and fastest:
+            cells.insert(-1, f"{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}" if r["impl"] == "ours" else "")
+        if not cpu:
+            cells[4:4] = [f"{r['peak_cuda'] / GB:.2f}"]
+            cells.append(f"{100 * r['decode_bytes'] * r['decode_tok_s'] / r['copy_bw']:.0f}%")
+            cells += [f"{v:.1f}" for v in r["images_s"].values()]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", help="checkpoint directory (hub layout) to benchmark")
+    ap.add_argument("--make", metavar="DIR", help="write a full-size random checkpoint to DIR first (if absent)")
+    ap.add_argument("--ckpt-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype for --make")
+    ap.add_argument("--dtypes", default=None, help="run dtypes, comma-separated (default: float32 on CPU, "
+                    "bfloat16 on CUDA)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--impls", default=None, help="comma-separated; default ours,transformers "
+                    "(+transformers-static on CUDA)")
+    ap.add_argument("--ablate", action="store_true", help="add the ablation rows for ours")
+    ap.add_argument("--compile", action="store_true", help="compile our decode step (torch.compile)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up generations before timing "
+                    "(default 0 on CPU, 1 on CUDA)")
+    ap.add_argument("--batch-sizes", default="1,8,32,64", help="CUDA batch-captioning sizes")
+    ap.add_argument("--child-timeout", type=float, default=1800)
+    # child-only flags
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--prefill-dtype", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+    if args.warmup is None:
+        args.warmup = 0 if args.device == "cpu" else 1
+    if args.child:
+        print(RESULT_PREFIX + json.dumps(run_child(args)), flush=True)
+        return
+    if args.make:
+        if not (Path(args.make) / "config.json").exists():
+            subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_checkpoint.py"), args.make,
+                            "--dtype", args.ckpt_dtype], check=True)
+        args.ckpt = args.ckpt or args.make
+    if not args.ckpt:
+        ap.error("give --ckpt DIR or --make DIR")
+    args.ckpt = str(Path(args.ckpt).resolve())
+    cpu = args.device == "cpu"
+    dtypes = (args.dtypes or ("float32" if cpu else "bfloat16")).split(",")
+    impls = (args.impls or ("ours,transformers" if cpu else "ours,transformers,transformers-static")).split(",")
+    import torch
+
+    print(f"{args.ckpt}; device {args.device}; torch {torch.__version__}; {args.threads} threads; "
+          f"{args.new_tokens} new tokens, greedy, EOS ignored; prompt: 1 image + {PROMPT!r}", file=sys.stderr)
+    results = []
+    for dtype in dtypes:
+        for impl in impls:
+            results.append(measure(args, impl, dtype))
+        if args.ablate:
+            for variant, extra in ABLATIONS.items():
+                if "prefill" in variant and dtype == "float32":
+                    continue  # float32 weights always prefill in float32
+                results.append(measure(args, "ours", dtype, variant, extra))
+    print(format_table([r for r in results if r]))
+
+
+if __name__ == "__main__":
+    main()

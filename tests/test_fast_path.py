@@ -1,0 +1,102 @@
+"""The fast paths give the same answers: compiled decode step, float32 prefill of bf16 weights, sparse EOS checks."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import random_image
+from reference import hf_model, rel_err
+
+import inference
+from inference import auto_prefill_dtype, generate_ids, make_processor, prefill
+from utils import load_hf_model
+
+PROMPTS = ["caption en", "answer en how many animals are there in this photo?"]
+
+
+def _batch(proc):
+    return proc(text=PROMPTS, images=[random_image(30), random_image(31, (90, 20))])
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+@pytest.mark.parametrize("name", ["pg1-legacy-mqa-224", "pg2-legacy-gqa-224"])
+def test_compiled_decode_matches_eager_and_transformers(checkpoint, name):
+    """fullgraph=True: the decode step has no graph break, which is what lets CUDA replay it as one graph."""
+    path = checkpoint(name)
+    model, tok = load_hf_model(path, "cpu")
+    inputs = _batch(make_processor(model, tok))
+    assert inputs["attention_mask"].min() == 0  # a left-padded batch: masks and positions are exercised
+    args = (model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 24)
+    eager = generate_ids(*args)
+    compiled = generate_ids(*args, compile=True)
+    assert compiled.tolist() == eager.tolist()
+    ref = hf_model(path)
+    for b in range(2):
+        keep = inputs["attention_mask"][b].bool()
+        ids = inputs["input_ids"][b, keep][None]
+        with torch.no_grad():
+            theirs = ref.generate(input_ids=ids, pixel_values=inputs["pixel_values"][b:b + 1],
+                                  token_type_ids=torch.zeros_like(ids), max_new_tokens=24, do_sample=False)
+        theirs = theirs[0, ids.shape[1]:].tolist()
+        assert compiled[b, : len(theirs)].tolist() == theirs
+        assert len(set(theirs)) >= 4, "degenerate reference output proves little"
+
+
+def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(checkpoint):
+    """bf16 weights prefilled with compute_dtype=float32 match a float32 model holding the same (bf16-rounded)
+    weights far more closely than the bf16 prefill does: the arithmetic really ran in float32."""
+    path = checkpoint("pg1-legacy-mqa-224")
+    bf16, tok = load_hf_model(path, "cpu", torch.bfloat16)
+    exact, _ = load_hf_model(path, "cpu", torch.float32)
+    with torch.no_grad():
+        for p_exact, p_bf16 in zip(exact.parameters(), bf16.parameters(), strict=True):
+            p_exact.copy_(p_bf16.float())  # the same weights, exactly representable in both
+    inputs = make_processor(bf16, tok)(text=[PROMPTS[0]], images=[random_image(5)])
+    T = inputs["input_ids"].shape[1]
+    pos = torch.arange(T)[None]
+
+    def run(model, dtype):
+        cache = model.new_kv_cache(1, T + 1)
+        with torch.no_grad():
+            return prefill(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], cache,
+                           pos, dtype)
+
+    want = run(exact, torch.float32)
+    err_fp32 = rel_err(run(bf16, torch.float32), want)
+    err_bf16 = rel_err(run(bf16, torch.bfloat16), want)
+    print(f"bf16 weights: float32 prefill rel err {err_fp32:.2e}, bf16 prefill {err_bf16:.2e}")
+    # Not 0: the KV cache stays bf16 and the LM head reads the bf16 embedding with bf16-rounded activations.
+    assert err_fp32 < 2e-2
+    assert err_fp32 < err_bf16 / 2
+
+
+def test_auto_prefill_dtype_follows_the_cpu(checkpoint, monkeypatch):
+    path = checkpoint("pg1-legacy-mqa-224")
+    fp32, _ = load_hf_model(path, "cpu", torch.float32)
+    bf16, _ = load_hf_model(path, "cpu", torch.bfloat16)
+    fp16, _ = load_hf_model(path, "cpu", torch.float16)
+    assert auto_prefill_dtype(fp32) == torch.float32
+    monkeypatch.setattr(inference, "cpu_has_bf16_arithmetic", lambda: True)
+    assert auto_prefill_dtype(bf16) == torch.bfloat16
+    assert auto_prefill_dtype(fp16) == torch.float32  # no CPU has fast fp16 matmuls in oneDNN
+    monkeypatch.setattr(inference, "cpu_has_bf16_arithmetic", lambda: False)
+    assert auto_prefill_dtype(bf16) == torch.float32
+
+
+def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
+    """On an accelerator EOS is checked every 8 steps (no host sync per token); rows that ended meanwhile only
+    get padding. Force that schedule on the CPU: every row's ids up to its EOS must be unchanged."""
+    path = checkpoint("pg1-legacy-mqa-224")
+    model, tok = load_hf_model(path, "cpu")
+    inputs = _batch(make_processor(model, tok))
+    every_step = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 40)
+    # Make a token of row 0's greedy output the EOS, so that row stops early and the other does not.
+    eos = every_step[0, 5].item()
+    args = (model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 40)
+    dense = generate_ids(*args, eos_token_ids=[eos], pad_token_id=0)
+    monkeypatch.setitem(inference._EOS_CHECK_EVERY, "cpu", 8)
+    sparse = generate_ids(*args, eos_token_ids=[eos], pad_token_id=0)
+    assert sparse.shape[1] >= dense.shape[1]
+    assert torch.equal(sparse[:, : dense.shape[1]], dense)
+    assert (sparse[:, dense.shape[1]:] == 0).all()  # only padding after the last EOS
