@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_siglip import Linear, SiglipVisionConfig, SiglipVisionModel, gelu_tanh
+from modeling_siglip import Linear, SiglipVisionConfig, SiglipVisionModel, gelu_tanh, linear
 
 
 @dataclass
@@ -468,7 +468,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         x = lm.norm(x)
         # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
         # 257k x hidden weight to x's (a float32 copy of it would be 2 GB).
-        logits = F.linear(x.to(lm.embed_tokens.weight.dtype), lm.embed_tokens.weight)
+        logits = linear(x.to(lm.embed_tokens.weight.dtype), lm.embed_tokens.weight)
         if text.final_logit_softcapping is not None:
             c = text.final_logit_softcapping
             logits = torch.tanh(logits / c) * c

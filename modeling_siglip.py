@@ -10,6 +10,8 @@ big_vision `models/vit.py` (the original), and the PaliGemma paper (arXiv:2407.0
 
 from __future__ import annotations
 
+import platform
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -51,15 +53,53 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # float32 on CPUs without bfloat16 arithmetic (PaliGemmaForConditionalGeneration.forward's compute_dtype), where
 # bf16 matmuls are several times slower than fp32 ones, while decode (memory-bound) stays in bf16.
 
+_SCRATCH = threading.local()  # per thread: {(dtype, device): flat buffer} for weights cast to the input dtype
+
+
 def _like(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    return p if p is None or p.dtype == x.dtype else p.to(x.dtype)
+    """p in x's dtype. Large weights are cast into a reused per-thread buffer: a fresh 134 MB float32 copy per
+    matmul would cost page faults on every allocation (the float32 prefill of bf16 weights casts ~3 B of them).
+    The result is only valid until the next cast, which is all a layer's single matmul needs."""
+    if p is None or p.dtype == x.dtype:
+        return p
+    if p.numel() < (1 << 20) or torch.compiler.is_compiling():
+        return p.to(x.dtype)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (x.dtype, p.device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < p.numel():
+        buf = buffers[key] = torch.empty(p.numel(), dtype=x.dtype, device=p.device)
+    return buf[: p.numel()].view(p.shape).copy_(p)
+
+
+# float32 x @ W.T on x86 CPUs through oneDNN instead of ATen's default (MKL sgemm/sgemv). Measured on the
+# project's 2-core AMD EPYC with PaliGemma-3B shapes (benchmarks/speed.py): prefill matmuls 163 -> ~400 GFLOP/s,
+# decode matrix-vector products 22 -> ~38 GB/s of weights (MKL's gemv ran on one core). Same float32 arithmetic,
+# another summation order: logits move by ~1e-6 relative (tests/test_parity.py bounds it at 1e-5). Switch off
+# (ONEDNN_LINEAR = False) to get ATen's kernels; bf16 matmuls already go through oneDNN in ATen.
+ONEDNN_LINEAR = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and platform.machine().lower() in ("x86_64", "amd64")
+)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, routed through oneDNN for float32 CPU inference (see ONEDNN_LINEAR)."""
+    if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and not (x.requires_grad or weight.requires_grad) and weight.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        # The op has no autograd formula, so gradients (fine-tuning) take F.linear; under torch.compile
+        # inductor picks its own matmul kernels (its lowering of this op expects prepacked weights).
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """nn.Linear computing in the input's dtype (see above); same parameters and state_dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, _like(self.weight, x), _like(self.bias, x))
+        return linear(x, _like(self.weight, x), _like(self.bias, x))
 
 
 class LayerNorm(nn.LayerNorm):

@@ -95,16 +95,28 @@ def _ours(args, device, dtype):
     import torch
 
     sys.path.insert(0, str(REPO))
+    import inference
     import utils
     from inference import generate_ids
 
-    model, tok = utils.load_hf_model(args.ckpt, device, dtype, fuse=not args.unfused, resident=not args.lazy)
-    if args.prefill_dtype:
-        model.prefill_dtype = getattr(torch, args.prefill_dtype)
+    if args.aten_linear:  # ablation: ATen's default float32 matmuls (MKL) instead of oneDNN
+        import modeling_siglip
+
+        modeling_siglip.ONEDNN_LINEAR = False
+    model, _tok = utils.load_hf_model(args.ckpt, device, dtype)
+    prefill_dtype = getattr(torch, args.prefill_dtype) if args.prefill_dtype else None
+    if args.all_logits:  # ablation: what a port without num_logits_to_keep does, the LM head at every position
+        def prefill_all(model, input_ids, pixel_values, attention_mask, kv_cache, position_ids, compute_dtype=None):
+            out = model(input_ids, pixel_values, attention_mask, kv_cache=kv_cache,
+                        input_pos=torch.arange(input_ids.shape[1], device=input_ids.device),
+                        position_ids=position_ids, compute_dtype=compute_dtype)
+            return out["logits"][:, -1]
+
+        inference.prefill = prefill_all
 
     def gen(inputs, n, clock=None):
         return generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                            max_new_tokens=n, eos_token_ids=[], compile=args.compile,
+                            max_new_tokens=n, eos_token_ids=[], compile=args.compile, prefill_dtype=prefill_dtype,
                             on_token=(lambda _t: clock.first()) if clock else None)
 
     return model, gen
@@ -158,11 +170,12 @@ def _weight_bytes(model) -> int:
 
 def _decode_bytes(model) -> int:
     """Bytes read per decoded token: every decoder weight plus the (tied) 257k-row embedding as the LM head."""
-    total = 0
+    seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if "vision" not in name and "multi_modal" not in name:
+        if "vision" not in name and "multi_modal" not in name and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())  # transformers' lm_head.weight is the embedding itself: count it once
             total += t.numel() * t.element_size()
-    return total  # embed_tokens counted once: its lookup reads one row, the LM head reads it all
+    return total
 
 
 def _copy_bandwidth(device) -> float:
@@ -225,14 +238,76 @@ def run_child(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# machine yardsticks, measured in the parent (after the children, so they never share the machine)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _time(fn, reps: int, sync, rounds: int = 3) -> float:
+    """Seconds per call: the best of `rounds` rounds of `reps` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def gemv_bandwidth(device: str, dtype_name: str) -> float:
+    """Bytes of weights per second a (1, 2048) x (2048, 131072) matrix-vector product reads, the better of ATen's
+    F.linear and oneDNN's: the decode ceiling on a CPU (1 GB of float32 weights, far beyond the caches)."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(REPO))
+    from modeling_siglip import linear
+
+    dtype = getattr(torch, dtype_name)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    w = torch.randn(8 * 16384, 2048, device=device).to(dtype)
+    x = torch.randn(1, 2048, device=device).to(dtype)
+    best = min(_time(lambda: F.linear(x, w), 10, sync), _time(lambda: linear(x, w), 10, sync))
+    return w.numel() * w.element_size() / best
+
+
+def projection_micro(device: str, dtype_name: str, layers: int = 6) -> list[list[str]]:
+    """ms per decoder layer for q/k/v and gate/up as separate matmuls vs one fused matmul (PaliGemma-3B shapes),
+    at decode (1 token) and prefill (260 tokens): what fusing the projections would buy here."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = getattr(torch, dtype_name)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def mats(rows):  # `layers` distinct weights, so each layer's read comes from memory, not cache
+        return [torch.randn(r, 2048, device=device).to(dtype) for r in rows for _ in range(layers)]
+
+    rows = []
+    for name, shapes in (("q/k/v", (2048, 256, 256)), ("gate/up", (16384, 16384))):
+        ws = [mats([r]) for r in shapes]  # ws[j][i]: matrix j of layer i
+        fused = [torch.cat([w[i] for w in ws]) for i in range(layers)]
+        for T in (1, 260):
+            x = torch.randn(1, T, 2048, device=device).to(dtype)
+            reps = 10 if T == 1 else 3
+            sep = _time(lambda x=x, ws=ws: [F.linear(x, w[i]) for i in range(layers) for w in ws], reps, sync)
+            fus = _time(lambda x=x, fused=fused: [F.linear(x, f) for f in fused], reps, sync)
+            sep, fus = sep / layers, fus / layers
+            rows.append([name, dtype_name, "decode" if T == 1 else "prefill 260", f"{sep * 1e3:.3f}",
+                         f"{fus * 1e3:.3f}", f"{(sep - fus) / sep * 100:+.1f}%"])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # parent: spawn children, print the table
 # ---------------------------------------------------------------------------------------------------------------
 
 # name -> extra child flags; each ablation switches ONE optimisation of ours off (or picks the other option).
 ABLATIONS = {
-    "unfused": ["--unfused"],
+    "ATen/MKL float32 linear": ["--aten-linear"],
     "1 thread": ["--threads", "1"],
-    "lazy weights": ["--lazy"],
+    "logits at every prompt position": ["--all-logits"],
     "fp32 prefill": ["--prefill-dtype", "float32"],
     "bf16 prefill": ["--prefill-dtype", "bfloat16"],
 }
@@ -260,32 +335,38 @@ def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | N
     return r
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
+    """One row per run. ceilings: dtype -> bytes/s that bound decode (gemv on CPU, copy on CUDA)."""
     theirs = {r["dtype"]: r for r in results if r["impl"] == "transformers"}
     cpu = all(r["device"] == "cpu" for r in results)
     fastest = max(theirs.values(), key=lambda r: r["decode_tok_s"], default=None)
-    head = ["impl", "dtype", "threads", "load s", "peak RSS GB", "RSS/weights", "TTFT s", "decode tok/s",
-            "TTFT ours/HF", "decode ours/HF", "same tokens"]
-    if cpu and fastest:
-        head.insert(-1, f"decode vs HF fastest ({fastest['dtype']})")
-    if not cpu:
-        head[4:4] = ["peak CUDA GB"]
-        head += ["% BW ceiling"] + [f"img/s B={b}" for b in results[0].get("images_s", {})]
+    hf32 = theirs.get("float32")
+    head = ["impl", "dtype", "threads", "load s", "peak RSS GB", "RSS / weights", "TTFT s", "decode tok/s",
+            "% of decode ceiling", "TTFT ours/HF", "decode ours/HF"]
+    if cpu:
+        head += ["TTFT vs HF float32", f"decode vs HF fastest ({fastest['dtype'] if fastest else '-'})"]
+    else:
+        head[5:5] = ["peak CUDA GB"]
+        head += [f"img/s B={b}" for b in results[0].get("images_s", {})]
+    head.append("same tokens as HF")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        ref = theirs.get(r["dtype"]) if r["impl"] != "transformers" else None
+        ours = not r["impl"].startswith("transformers")
+        ref = theirs.get(r["dtype"]) if ours else None
         name = r["impl"] + (f" ({r['variant']})" if r["variant"] else "")
+        ceiling = ceilings.get(r["dtype"])
         cells = [name, r["dtype"], str(r["threads"]), f"{r['load_s']:.1f}", f"{r['peak_rss'] / GB:.2f}",
                  f"{r['peak_rss'] / r['weight_bytes']:.2f}", f"{r['ttft_s']:.3f}", f"{r['decode_tok_s']:.2f}",
+                 f"{100 * r['decode_bytes'] * r['decode_tok_s'] / ceiling:.0f}%" if ceiling else "",
                  f"{r['ttft_s'] / ref['ttft_s']:.2f}" if ref else "",
-                 f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "",
-                 ("yes" if r["ids"] == ref["ids"] else "no") if ref else ""]
-        if cpu and fastest:
-            cells.insert(-1, f"{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}" if r["impl"] == "ours" else "")
-        if not cpu:
-            cells[4:4] = [f"{r['peak_cuda'] / GB:.2f}"]
-            cells.append(f"{100 * r['decode_bytes'] * r['decode_tok_s'] / r['copy_bw']:.0f}%")
+                 f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else ""]
+        if cpu:
+            cells += [f"{r['ttft_s'] / hf32['ttft_s']:.2f}" if ours and hf32 else "",
+                      f"{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}" if ours and fastest else ""]
+        else:
+            cells[5:5] = [f"{r['peak_cuda'] / GB:.2f}"]
             cells += [f"{v:.1f}" for v in r["images_s"].values()]
+        cells.append(("yes" if r["ids"] == ref["ids"] else "no") if ref else "")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -313,8 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--unfused", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--lazy", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--all-logits", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--aten-linear", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prefill-dtype", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
@@ -334,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu = args.device == "cpu"
     dtypes = (args.dtypes or ("float32" if cpu else "bfloat16")).split(",")
     impls = (args.impls or ("ours,transformers" if cpu else "ours,transformers,transformers-static")).split(",")
-    import torch
+    import torch  # noqa: F811 — the parent imports torch only for the version line and the yardsticks
 
     print(f"{args.ckpt}; device {args.device}; torch {torch.__version__}; {args.threads} threads; "
           f"{args.new_tokens} new tokens, greedy, EOS ignored; prompt: 1 image + {PROMPT!r}", file=sys.stderr)
@@ -346,8 +427,32 @@ def main(argv: list[str] | None = None) -> None:
             for variant, extra in ABLATIONS.items():
                 if "prefill" in variant and dtype == "float32":
                     continue  # float32 weights always prefill in float32
+                if "linear" in variant and (dtype != "float32" or not cpu):
+                    continue  # the oneDNN routing is for CPU float32 only
                 results.append(measure(args, "ours", dtype, variant, extra))
-    print(format_table([r for r in results if r]))
+    results = [r for r in results if r]
+    if not results:
+        sys.exit("every run failed; see above")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    ceilings, micro = {}, []
+    for dtype in dtypes:
+        if cpu:
+            ceilings[dtype] = gemv_bandwidth(args.device, dtype)
+            print(f"{dtype} matrix-vector product: {ceilings[dtype] / GB:.1f} GB/s of weights", file=sys.stderr)
+        micro += projection_micro(args.device, dtype)
+    if not cpu:
+        from_child = results[0].get("copy_bw")
+        ceilings = dict.fromkeys(dtypes, from_child)
+    print(f"\n{args.device}, {args.threads} threads, prompt {results[0]['prompt_len']} tokens (256 image + text), "
+          f"{args.new_tokens} new tokens, greedy, batch 1\n")
+    print(format_table(results, ceilings))
+    print("\nFusing projections (ms per decoder layer, PaliGemma-3B shapes; fused = one matmul over the stacked "
+          "weights):\n")
+    print("| projections | dtype | phase | separate ms | fused ms | saved |\n|---|---|---|---|---|---|")
+    for row in micro:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
