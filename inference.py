@@ -123,6 +123,22 @@ def compiled_decode_step(model: PaliGemmaForConditionalGeneration):
     return fn
 
 
+def _decode_cache(model: PaliGemmaForConditionalGeneration, batch_size: int, length: int) -> KVCache:
+    """For the compiled step: one cache per (batch, length rounded up to 256) kept on the model and reused, with
+    static addresses, so CUDA graphs recorded for it stay valid across calls and few lengths need their own graph.
+    Zeroed in place before each use (stale values sit at masked positions, but a NaN there would still leak)."""
+    size = -(-length // 256) * 256
+    caches = model.__dict__.setdefault("_decode_caches", {})
+    cache = caches.get((batch_size, size))
+    if cache is None or cache.k_cache.dtype != model.dtype or cache.k_cache.device != model.device:
+        cache = caches[(batch_size, size)] = model.new_kv_cache(batch_size, size)
+        for buf in cache.buffers():
+            torch._dynamo.mark_static_address(buf)  # updated in place by the graph, never reallocated
+    for buf in cache.buffers():
+        buf.zero_()
+    return cache
+
+
 # On an accelerator, reading `finished.all()` waits for the GPU; checking EOS every few steps keeps the host
 # ahead of the device. Rows that finished meanwhile only get padding, so the output is the same.
 _EOS_CHECK_EVERY = {"cpu": 1}
@@ -176,7 +192,7 @@ def generate_ids(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
-    cache = model.new_kv_cache(B, T + max_new_tokens)
+    cache = _decode_cache(model, B, T + max_new_tokens) if compile else model.new_kv_cache(B, T + max_new_tokens)
     # RoPE positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)

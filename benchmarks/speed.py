@@ -23,7 +23,13 @@ during the first forward instead of during the load).
 On CUDA it adds, per run, the share of the bandwidth ceiling reached in decode (bytes of decoder + lm_head
 weights read per token x tokens/s, over a device-to-device copy measured in the same process) and batch
 captioning throughput (images/s for --batch-sizes images x 32 new tokens, including prefill). transformers runs
-twice there: its default dynamic cache, and a static cache + torch.compile. Ours compiles with --compile.
+twice there: its default dynamic cache (`transformers`) and a static cache, which transformers compiles itself
+(`transformers-static`); ours runs eager (`ours`) and with the decode step compiled into a CUDA graph
+(`ours-compiled`). Warm-up generations (--warmup, default 1 on CUDA) absorb compilation.
+
+GPU, one command (make the bf16 checkpoint, then all four implementations; ~6 min on an H100/H200):
+
+    python benchmarks/speed.py --make /tmp/pg-3b-224-bf16 --ckpt-dtype bfloat16 --device cuda --new-tokens 128
 
 Progress and diagnostics go to stderr. No threshold is asserted: these machines are noisy, read the ratios.
 """
@@ -116,8 +122,8 @@ def _ours(args, device, dtype):
 
     def gen(inputs, n, clock=None):
         return generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                            max_new_tokens=n, eos_token_ids=[], compile=args.compile, prefill_dtype=prefill_dtype,
-                            on_token=(lambda _t: clock.first()) if clock else None)
+                            max_new_tokens=n, eos_token_ids=[], compile=args.impl == "ours-compiled",
+                            prefill_dtype=prefill_dtype, on_token=(lambda _t: clock.first()) if clock else None)
 
     return model, gen
 
@@ -204,10 +210,10 @@ def run_child(args) -> dict:
     dtype = getattr(torch, args.dtype)
     inputs = _inputs(args.ckpt)
     t0 = time.perf_counter()
-    model, gen = (_ours if args.impl == "ours" else _theirs)(args, device, dtype)
+    model, gen = (_ours if args.impl.startswith("ours") else _theirs)(args, device, dtype)
     load_s = time.perf_counter() - t0
     for _ in range(args.warmup):  # CUDA: first calls compile / autotune; CPU runs cold (warmup 0)
-        gen(inputs, min(args.new_tokens, 4) if not args.compile else args.new_tokens)
+        gen(inputs, args.new_tokens)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock = _Clock(device)
@@ -317,7 +323,7 @@ def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | N
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--dtype", dtype,
            "--ckpt", args.ckpt, "--device", args.device, "--new-tokens", str(args.new_tokens),
            "--threads", str(args.threads), "--warmup", str(args.warmup), "--variant", variant,
-           "--batch-sizes", ",".join(map(str, args.batch_sizes))] + (["--compile"] if args.compile else [])
+           "--batch-sizes", ",".join(map(str, args.batch_sizes))]
     cmd += extra or []
     label = f"[{impl}{' ' + variant if variant else ''} {dtype}]"
     print(f"{label} running ...", file=sys.stderr, flush=True)
@@ -347,7 +353,8 @@ def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
         head += ["TTFT vs HF float32", f"decode vs HF fastest ({fastest['dtype'] if fastest else '-'})"]
     else:
         head[5:5] = ["peak CUDA GB"]
-        head += [f"img/s B={b}" for b in results[0].get("images_s", {})]
+        head += ["decode vs HF static"] + [f"img/s B={b}" for b in results[0].get("images_s", {})]
+    static = next((r for r in results if r["impl"] == "transformers-static"), None)
     head.append("same tokens as HF")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -365,6 +372,7 @@ def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
                       f"{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}" if ours and fastest else ""]
         else:
             cells[5:5] = [f"{r['peak_cuda'] / GB:.2f}"]
+            cells.append(f"{r['decode_tok_s'] / static['decode_tok_s']:.2f}" if ours and static else "")
             cells += [f"{v:.1f}" for v in r["images_s"].values()]
         cells.append(("yes" if r["ids"] == ref["ids"] else "no") if ref else "")
         rows.append("| " + " | ".join(cells) + " |")
@@ -384,7 +392,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impls", default=None, help="comma-separated; default ours,transformers "
                     "(+transformers-static on CUDA)")
     ap.add_argument("--ablate", action="store_true", help="add the ablation rows for ours")
-    ap.add_argument("--compile", action="store_true", help="compile our decode step (torch.compile)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up generations before timing "
                     "(default 0 on CPU, 1 on CUDA)")
     ap.add_argument("--batch-sizes", default="1,8,32,64", help="CUDA batch-captioning sizes")
@@ -414,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     args.ckpt = str(Path(args.ckpt).resolve())
     cpu = args.device == "cpu"
     dtypes = (args.dtypes or ("float32" if cpu else "bfloat16")).split(",")
-    impls = (args.impls or ("ours,transformers" if cpu else "ours,transformers,transformers-static")).split(",")
+    impls = (args.impls or ("ours,transformers" if cpu else "ours,ours-compiled,transformers,transformers-static")
+             ).split(",")
     import torch  # noqa: F811 — the parent imports torch only for the version line and the yardsticks
 
     print(f"{args.ckpt}; device {args.device}; torch {torch.__version__}; {args.threads} threads; "
