@@ -219,7 +219,8 @@ class _ShardReader:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (this CPU class has no fast bf16 arithmetic); bfloat16 on CUDA and MPS."""
+    """float32 on CPU (exact, the parity-tested mode; --dtype bfloat16 is faster, see README "Speed"); bfloat16 on
+    CUDA and MPS."""
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
