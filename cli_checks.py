@@ -132,6 +132,13 @@ def check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug) 
         raise UsageError(f"--only_cpu True contradicts --device {device}; give one of them")
 
 
+def check_bool_flags(**flags) -> None:
+    """Each --name must be exactly True or False (fire passes other words through as strings)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise UsageError(f"--{name} must be True or False, got {value!r}")
+
+
 # Flags whose value is text: passed to fire as a quoted literal so that e.g. --prompt 1e3 stays "1e3"
 # (fire would otherwise turn it into the float 1000.0) and --model_path 2024 stays a path.
 _TEXT_FLAGS = ("model_path", "prompt", "image_file_path", "device", "dtype")

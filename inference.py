@@ -11,6 +11,7 @@ Checked against transformers' `GenerationMixin` greedy/sampling semantics (parit
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -22,6 +23,7 @@ from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this 
     EXIT_FAILURE,
     ImageError,
     UsageError,
+    check_bool_flags,
     check_flags,
     check_run_flags,
     describe,
@@ -168,6 +170,65 @@ def decode_text(tokenizer, ids: torch.Tensor, eos_token_ids: Sequence[int]) -> s
     return tokenizer.decode(row, skip_special_tokens=True)
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback tokens
+
+
+class TextStream:
+    """Generated ids of one answer -> text pieces as the ids arrive; the pieces join to exactly decode_text(ids).
+
+    Decoding is not piecewise inside a run of byte-fallback tokens: `<0xE2><0x82><0xAC>` is "€", and tokenizers'
+    ByteFallback decodes a whole run at once, turning every byte into U+FFFD when the run as a whole is not UTF-8
+    (so a later byte can spoil an already complete character). So nothing of a byte run is emitted until a
+    non-byte token ends it; a multi-byte character split over tokens appears whole. Each step decodes only the
+    ids since the last emitted piece, with that piece's ids as context (for decoders that treat the first token
+    differently), so an n-token answer costs O(n) decoding, not O(n²).
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        # Dropped by decode(skip_special_tokens=True) (every added token marked special, e.g. <end_of_turn>, not
+        # only the named ones), so they must not end a byte run here either.
+        self.skipped = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+        self.ids: list[int] = []
+        self.context = 0  # ids[context:emitted] made the last piece: the context for decoding the next one
+        self.emitted = 0  # the text of ids[:emitted] is out
+        self.pieces: list[str] = []
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; returns the text that became final with it (often "")."""
+        if self.done or token_id in self.eos:
+            self.done = True
+            return ""
+        if token_id in self.skipped:
+            return ""
+        self.ids.append(int(token_id))
+        if _BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""):
+            return ""  # inside a byte run: its text is known only when the run ends
+        before = self._decode(self.ids[self.context:self.emitted])
+        now = self._decode(self.ids[self.context:])
+        if not now.startswith(before):  # a decoder that rewrites earlier text: finish() settles it
+            return ""
+        self.context, self.emitted = self.emitted, len(self.ids)
+        return self._out(now[len(before):])
+
+    def finish(self) -> str:
+        """The text not yet returned (e.g. a trailing byte run); after it the pieces join to decode_text(ids)."""
+        self.done = True
+        full, out = self._decode(self.ids), "".join(self.pieces)
+        return self._out(full[len(out):] if full.startswith(out) else "")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _out(self, piece: str) -> str:
+        if piece:
+            self.pieces.append(piece)
+        return piece
+
+
 def generate(
     model: PaliGemmaForConditionalGeneration,
     processor: PaliGemmaProcessor,
@@ -179,17 +240,38 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Answer each (prompt, image) pair; returns one string per pair, the prompt not included.
+
+    on_token is called with each step's token ids (B,); on_text (one pair only) with each new piece of text as
+    it is generated — the pieces join to the returned string.
 
     >>> model, tokenizer = load_hf_model("paligemma-3b-pt-224", "cpu")
     >>> processor = make_processor(model, tokenizer)
     >>> generate(model, processor, ["caption en"], [Image.open("cow.jpg")], max_new_tokens=20)
+    >>> generate(model, processor, "caption en", Image.open("cow.jpg"), on_text=lambda s: print(s, end=""))
     """
     inputs = processor(text=prompts, images=images)
-    ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                       max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     eos = model.config.eos_token_id
+    step = on_token
+    if on_text is not None:
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError("on_text streams one answer; give one prompt and one image")
+        stream = TextStream(processor.tokenizer, eos)
+
+        def step(token: torch.Tensor) -> None:
+            if on_token is not None:
+                on_token(token)
+            piece = stream.push(int(token[0]))
+            if piece:
+                on_text(piece)
+
+    ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                       max_new_tokens, do_sample, temperature, top_p, top_k, seed, on_token=step)
+    if on_text is not None and (rest := stream.finish()):
+        on_text(rest)
     return [decode_text(processor.tokenizer, row, eos) for row in ids.cpu()]
 
 
@@ -213,6 +295,7 @@ def main(
     top_k: int = 0,
     seed: int | None = None,
     debug: bool = False,
+    stream: bool = True,
 ) -> None:
     """Answer a prompt about an image with a PaliGemma checkpoint; prints only the generated text.
 
@@ -230,6 +313,7 @@ def main(
         top_k: keep only the k most likely tokens when sampling (0 = off).
         seed: random seed for sampling, for reproducible output.
         debug: show Python tracebacks instead of one-line errors.
+        stream: print the answer token by token as it is generated (default True); False prints it at the end.
 
     Errors end in one stderr line starting with "error:" and exit code 2 (bad input), 1 (out of memory or a
     bug; --debug shows the traceback) or 130 (interrupted); see README "Errors".
@@ -238,6 +322,7 @@ def main(
     try:
         check_flags(max_tokens_to_generate, temperature, top_p, top_k, do_sample, only_cpu)
         check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug)
+        check_bool_flags(stream=stream)
         dev = resolve_device("cpu" if only_cpu else device)
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu" and dt == torch.float16:
@@ -249,15 +334,27 @@ def main(
         log(f"loaded {model_path} on {model.device} as {model.dtype}")
         stage = "generating"
         processor = make_processor(model, tokenizer)
+        shown: list[str] = []
         text = generate(model, processor, [str(prompt)], [image], max_tokens_to_generate, do_sample,
-                        temperature, top_p, top_k, seed)[0]
+                        temperature, top_p, top_k, seed, None, _show(shown) if stream else None)[0]
     except BaseException as e:  # noqa: BLE001 — every failure becomes one line; --debug shows the traceback
-        if debug is True or isinstance(e, SystemExit):
+        # SystemExit passes; a closed stdout goes to cli()'s handler, which knows how to exit quietly.
+        if debug is True or isinstance(e, (SystemExit, BrokenPipeError)):
             raise
         code, message = describe(e, stage)
         log(f"error: {message}")
         sys.exit(code)
-    print(text)
+    done = "".join(shown)
+    print(text[len(done):] if text.startswith(done) else "")  # the rest (all of it when not streamed) and "\n"
+
+
+def _show(shown: list[str]) -> Callable[[str], None]:
+    """on_text for streaming to stdout: each piece written and flushed at once, and remembered in `shown`."""
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        shown.append(piece)
+    return show
 
 
 def cli(argv: list[str] | None = None) -> None:
