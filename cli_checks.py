@@ -8,11 +8,13 @@ any exception into an exit code and one line (README "Errors").
 from __future__ import annotations
 
 import difflib
+import glob
 import inspect
+import os
 import struct
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -139,9 +141,89 @@ def check_bool_flags(**flags) -> None:
             raise UsageError(f"--{name} must be True or False, got {value!r}")
 
 
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch_size must be a positive integer, got {batch_size!r}")
+
+
+def expand_image_paths(spec: str | Sequence[str]) -> tuple[list[str], bool]:
+    """--image_file_path -> (image paths in input order, whether the output is one JSON line per image).
+
+    Each item is a file (kept even if unreadable: that image gets an error line), a directory (its files with an
+    image extension, sorted by name, not recursive) or a glob such as "imgs/*.jpg" (quoted, so the shell leaves it;
+    sorted). Several items, a directory or a glob mean JSON Lines even if they come to one image: the output format
+    follows the command, not how many files happen to match.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    # What a directory contributes: files with an extension Pillow can open (.jpg, .png, .webp, .gif, .tif, ...).
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    many = len(items) > 1
+    paths: list[str] = []
+    for item in map(str, items):
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir()
+                           if f.suffix.lower() in extensions and not f.name.startswith(".") and f.is_file())
+            if not found:
+                raise ImageError(f"image path {p} is a directory with no image files in it; give an image file or a "
+                                 "directory of .jpg/.png/.webp/... images")
+        elif not p.exists() and any(ch in item for ch in "*?["):
+            found = sorted(f for f in glob.glob(item, recursive=True) if Path(f).is_file())
+            if not found:
+                raise ImageError(f"no files match --image_file_path {item}")
+        else:
+            paths.append(item)
+            continue
+        paths += found
+        many = True
+    return paths, many
+
+
+def output_image_paths(output_image, image_paths: Sequence[str], many: bool) -> list[Path] | None:
+    """--output_image -> where each image's drawing goes (None: no drawings), checked before the model loads.
+
+    One image: PATH, a file name with an image extension in an existing directory. Several: PATH is an existing
+    directory and image `x.jpg` is drawn to PATH/x.png (PNG keeps the thin box lines exact); the names must differ.
+    An input image is never overwritten.
+    """
+    if output_image is None or output_image == "":
+        return None
+    out = Path(str(output_image))
+    if many:
+        if not out.is_dir():
+            raise UsageError(f"--output_image {out} must be an existing directory when several images are given "
+                             "(each drawing is saved there as <image name>.png)")
+        targets = [out / (Path(p).stem + ".png") for p in image_paths]
+        seen: dict[Path, str] = {}
+        for target, src in zip(targets, image_paths, strict=True):
+            if target in seen:
+                raise UsageError(f"--output_image: {seen[target]} and {src} would both be drawn to {target}; rename "
+                                 "one or run them separately")
+            seen[target] = src
+    else:
+        if out.is_dir():
+            raise UsageError(f"--output_image {out} is a directory; give a file name such as {out / 'boxes.png'}")
+        fmt = Image.registered_extensions().get(out.suffix.lower())
+        if fmt is None or fmt not in Image.SAVE:
+            raise UsageError(f"--output_image {out}: Pillow cannot write {out.suffix or 'files without an extension'}; "
+                             "use .png or .jpg")
+        if not out.parent.is_dir():
+            raise UsageError(f"--output_image {out}: directory {out.parent} does not exist")
+        targets = [out]
+    for target in targets:
+        if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+            raise UsageError(f"--output_image {target} is not writable; check the directory's permissions")
+        for src in image_paths:
+            if target.exists() and Path(src).exists() and target.samefile(src):
+                raise UsageError(f"--output_image {target} is the input image {src}; give another path")
+    return targets
+
+
 # Flags whose value is text: passed to fire as a quoted literal so that e.g. --prompt 1e3 stays "1e3"
 # (fire would otherwise turn it into the float 1000.0) and --model_path 2024 stays a path.
-_TEXT_FLAGS = ("model_path", "prompt", "image_file_path", "device", "dtype")
+_TEXT_FLAGS = ("model_path", "prompt", "image_file_path", "device", "dtype", "output_image")
+# Flags that take every following word up to the next option (what the shell makes of `--image_file_path *.jpg`).
+_LIST_FLAGS = ("image_file_path",)
 
 
 def prepare_argv(argv: list[str], main: Callable) -> list[str]:
@@ -149,6 +231,9 @@ def prepare_argv(argv: list[str], main: Callable) -> list[str]:
     quote the values of text flags. Raises UsageError for an unknown flag or a surplus positional argument."""
     params = inspect.signature(main).parameters
     bools = {n for n, p in params.items() if isinstance(p.default, bool)}
+    # The short forms --help lists (fire's rule: -x for the one flag whose name starts with x).
+    firsts = [n[0] for n in params]
+    shorts = {n[0]: n for n in params if firsts.count(n[0]) == 1}
     out, given, positional = [], set(), []
     i = 0
     while i < len(argv):
@@ -156,6 +241,8 @@ def prepare_argv(argv: list[str], main: Callable) -> list[str]:
         if tok == "--":  # fire's own flags follow
             out += argv[i:]
             break
+        if len(tok) >= 2 and tok[0] == "-" and tok[1] in shorts and tok[2:3] in ("", "="):
+            tok = f"--{shorts[tok[1]]}{tok[2:]}"
         if not tok.startswith("--") or tok == "--help":
             if tok.startswith("-") and tok not in ("-h", "-", "--help") and not _is_number(tok):
                 raise UsageError(f"unknown option {tok}; flags are spelled --name (see --help)")
@@ -186,6 +273,12 @@ def prepare_argv(argv: list[str], main: Callable) -> list[str]:
                 raise UsageError(f"--{name} needs a value")
             value = argv[i + 1]
             i += 1
+        if name in _LIST_FLAGS:
+            values = [value]
+            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                values.append(argv[i + 1])
+                i += 1
+            value = values[0] if len(values) == 1 else values  # a list literal: fire passes main a list
         out.append(f"--{name}={value!r}" if name in _TEXT_FLAGS else f"--{name}={value}")
         i += 1
     free = [n for n in params if n not in given]

@@ -171,10 +171,9 @@ def parse_detections(text: str, width: int, height: int) -> tuple[list[Detection
     parts = _LOC_RUN.split(text)  # [before, locs1, after1, locs2, after2, ...]
     _report_stray(parts[0], "before the first box", problems)
     for n, (locs, after) in enumerate(zip(parts[1::2], parts[2::2], strict=True), start=1):
-        after = _SEG_RUN.sub("", after.lstrip())
-        label, _, rest = after.partition(";")
-        label = label.strip()
-        group = f"group {n} ({_short(f'{locs} {label}'.strip())})"
+        head, _, rest = after.partition(";")
+        label = _SEG_RUN.sub("", head.lstrip()).strip()
+        group = f"group {n} ({_short((locs + head).strip())})"
         _report_stray(rest, f"after {group}", problems)
         bins = [int(b) for b in _LOC.findall(locs)]
         if len(bins) != 4:
