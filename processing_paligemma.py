@@ -218,7 +218,7 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Imag
     """
     out = to_rgb(image).copy()
     width, height = out.size
-    line = max(1, round(min(width, height) / 200))
+    line = max(1, round(min(width, height) / 120))
     font = ImageFont.load_default(size=max(10, round(min(width, height) / 40)))
     draw = ImageDraw.Draw(out)
     colors: dict[str, tuple[int, int, int]] = {}

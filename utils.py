@@ -238,8 +238,9 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
     loaded: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     files = weight_files(model_path)
+    # disable= only when asked: an explicit value would override the TQDM_DISABLE environment variable.
     bar = tqdm(total=sum(f.stat().st_size for f in files), desc="loading weights", unit="B", unit_scale=True,
-               leave=False, disable=not progress, file=sys.stderr)
+               file=sys.stderr, **({} if progress else {"disable": True}))
     for path in files:
         reader: _ShardReader | None = None  # opened on the first tensor that needs converting
         shard_start = bar.n
