@@ -1,8 +1,11 @@
-"""Generation (greedy / temperature / top-k / top-p) and the command-line tool.
+"""Generation (greedy / temperature / top-k / top-p), streaming text, and the command-line tool.
 
     python inference.py --model_path DIR --prompt "caption en" --image_file_path img.jpg
+    python inference.py --model_path google/paligemma-3b-mix-224 --prompt "detect cat ; dog" \
+        --image_file_path photos/ --output_image drawn/           # one JSON line per image, boxes drawn
 
-stdout carries only the generated text; progress and diagnostics go to stderr. The generation loop follows
+stdout carries only the answers (one image: the text, streamed; several: JSON Lines); progress bars and
+diagnostics go to stderr. Flag checks and error messages live in cli_checks.py. The generation loop follows
 gpt-fast: a preallocated KV cache addressed by tensor positions, `prefill()` (vision tower + whole prompt, logits
 for the last position only) separate from `decode_one_token()`, each row stopping on its own at EOS.
 Checked against transformers' `GenerationMixin` greedy/sampling semantics (parity tests in tests/).
@@ -481,7 +484,7 @@ class _Stats:
         log(f"note: {self.tokens} more tokens in {self.decode_s:.2f} s: {rate:.1f} tokens/s")
         if many:
             total = time.perf_counter() - self.started
-            log(f"note: {self.images} images in {self.batches} batches, {total:.2f} s: "
+            log(f"note: {self.images} images in {self.batches} batch{'es' * (self.batches != 1)}, {total:.2f} s: "
                 f"{self.images / total:.2f} images/s")
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -229,21 +230,18 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype,
-                 progress: bool = True):
+                 on_bytes: Callable[[int], None] | None = None):
     """Stream every tensor of the checkpoint into `model` (built on meta) with full key/shape/dtype checks.
 
-    progress: a tqdm bar on stderr over the shards' bytes (set TQDM_DISABLE=1 to hide every bar).
+    on_bytes (progress): called with each tensor's size in bytes, and with the rest of each shard's file size
+    (header, skipped tensors) after it, so the calls add up to the weight files' total size.
     """
     expected = {name: t.shape for name, t in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
-    files = weight_files(model_path)
-    # disable= only when asked: an explicit value would override the TQDM_DISABLE environment variable.
-    bar = tqdm(total=sum(f.stat().st_size for f in files), desc="loading weights", unit="B", unit_scale=True,
-               file=sys.stderr, **({} if progress else {"disable": True}))
-    for path in files:
+    for path in weight_files(model_path):
         reader: _ShardReader | None = None  # opened on the first tensor that needs converting
-        shard_start = bar.n
+        shard_done = 0
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -279,14 +277,17 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
                         reader = reader or _ShardReader(path)
                         loaded[name] = reader.read(key, dtype, device)
                     where[name] = path.name
-                    bar.update(math.prod(shape) * _SAFETENSORS_DTYPES[sl.get_dtype()].itemsize)
+                    if on_bytes is not None:
+                        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                        on_bytes(nbytes)
+                        shard_done += nbytes
         except SafetensorError as e:
             raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
         finally:
             if reader is not None:
                 reader.close()
-        bar.update(shard_start + path.stat().st_size - bar.n)  # the header and any skipped tensors
-    bar.close()
+        if on_bytes is not None:
+            on_bytes(path.stat().st_size - shard_done)
     missing = [k for k in expected if k not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -433,6 +434,11 @@ def load_hf_model(
     tokenizer = load_tokenizer(root, config)
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
-    load_weights(model, root, dev, dt, progress)
+    total = sum(f.stat().st_size for f in weight_files(root))
+    # disable= only when asked: an explicit value would override the TQDM_DISABLE environment variable. The
+    # with-block closes the bar, ending its line, also when loading fails: the error starts a line of its own.
+    with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, file=sys.stderr,
+              **({} if progress else {"disable": True})) as bar:
+        load_weights(model, root, dev, dt, bar.update)
     model.eval().requires_grad_(False)
     return model, tokenizer
