@@ -1,8 +1,10 @@
-"""The command line's checks: flag names and values, image files, and every failure as one "error:" line.
+"""The command line's checks: flag names and values, image paths and files, output paths, and every failure as
+one "error:" line.
 
 Split out of inference.py (which keeps `main`, the generation code and `cli`) so each file reads in one go.
-Everything here runs before the model loads, so a mistake costs a second, not a model load; `describe` turns
-any exception into an exit code and one line (README "Errors").
+The checks run before the model loads, so a mistake costs a second, not a model load (with several images,
+`load_image` also runs per image later, and a failure there becomes that image's error line); `describe`
+turns any exception into an exit code and one line (README "Errors").
 """
 
 from __future__ import annotations

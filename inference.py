@@ -389,12 +389,7 @@ def main(
 def _answer_one(model, processor, prompt, path, image, settings, stream, as_json, drawing, stats) -> None:
     """One image: the plain answer (streamed, or all at the end) or one JSON object; the drawing if asked for."""
     shown: list[str] = []
-    if stats is not None:
-        stats.begin(1)
-    text = generate(model, processor, [prompt], [image], *settings, stats and stats.on_token,
-                    _show(shown) if stream else None)[0]
-    if stats is not None:
-        stats.end()
+    text = _generate(model, processor, [prompt], [image], settings, stats, _show(shown) if stream else None)[0]
     if as_json or drawing:
         boxes, problems = parse_detections(text, *image.size)
     if drawing:
@@ -424,12 +419,7 @@ def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings
                     records[i] = {"path": path, "error": one_line(e)}
             if images:
                 rows = list(images)
-                if stats is not None:
-                    stats.begin(len(rows))
-                texts = generate(model, processor, [prompt] * len(rows), [images[i] for i in rows], *settings,
-                                 stats and stats.on_token, None)
-                if stats is not None:
-                    stats.end()
+                texts = _generate(model, processor, [prompt] * len(rows), [images[i] for i in rows], settings, stats)
                 for i, text in zip(rows, texts, strict=True):
                     boxes, problems = parse_detections(text, *images[i].size)
                     records[i] = _record(chunk[i], text, boxes, problems)
@@ -440,6 +430,16 @@ def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings
                 failed += "error" in records[i]
             bar.update(len(chunk))
     return failed
+
+
+def _generate(model, processor, prompts, images, settings, stats, on_text=None) -> list[str]:
+    """generate() with the CLI's settings, timed for --verbose when stats is given."""
+    if stats is None:
+        return generate(model, processor, prompts, images, *settings, None, on_text)
+    stats.begin(len(prompts))
+    texts = generate(model, processor, prompts, images, *settings, stats.on_token, on_text)
+    stats.end()
+    return texts
 
 
 def _record(path: str, text: str, boxes: list[Detection], problems: list[str]) -> dict:
