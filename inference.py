@@ -1,8 +1,11 @@
-"""Generation (greedy / temperature / top-k / top-p) and the command-line tool.
+"""Generation (greedy / temperature / top-k / top-p), streaming text, and the command-line tool.
 
     python inference.py --model_path DIR --prompt "caption en" --image_file_path img.jpg
+    python inference.py --model_path google/paligemma-3b-mix-224 --prompt "detect cat ; dog" \
+        --image_file_path photos/ --output_image drawn/           # one JSON line per image, boxes drawn
 
-stdout carries only the generated text; progress and diagnostics go to stderr. The generation loop follows
+stdout carries only the answers (one image: the text, streamed; several: JSON Lines); progress bars and
+diagnostics go to stderr. Flag checks and error messages live in cli_checks.py. The generation loop follows
 gpt-fast: a preallocated KV cache addressed by tensor positions, `prefill()` (vision tower + whole prompt, logits
 for the last position only) separate from `decode_one_token()`, each row stopping on its own at EOS.
 Checked against transformers' `GenerationMixin` greedy/sampling semantics (parity tests in tests/).
@@ -10,21 +13,37 @@ Checked against transformers' `GenerationMixin` greedy/sampling semantics (parit
 
 from __future__ import annotations
 
-import difflib
-import inspect
+import json as _json  # main() has a --json flag
 import os
-import struct
+import re
 import sys
-import warnings
+import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+from tqdm import tqdm
 
+from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    ImageError,
+    UsageError,
+    check_batch_size,
+    check_bool_flags,
+    check_flags,
+    check_run_flags,
+    describe,
+    expand_image_paths,
+    load_image,
+    log,
+    one_line,
+    output_image_paths,
+    prepare_argv,
+)
 from modeling_gemma import KVCache, PaliGemmaForConditionalGeneration
-from processing_paligemma import PaliGemmaProcessor, ProcessorError
-from utils import CheckpointError, load_hf_model, resolve_device, resolve_dtype
+from processing_paligemma import Detection, PaliGemmaProcessor, draw_detections, parse_detections, to_rgb
+from utils import load_hf_model, resolve_device, resolve_dtype
 
 
 def sample_next_token(
@@ -230,6 +249,65 @@ def decode_text(tokenizer, ids: torch.Tensor, eos_token_ids: Sequence[int]) -> s
     return tokenizer.decode(row, skip_special_tokens=True)
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback tokens
+
+
+class TextStream:
+    """Generated ids of one answer -> text pieces as the ids arrive; the pieces join to exactly decode_text(ids).
+
+    Decoding is not piecewise inside a run of byte-fallback tokens: `<0xE2><0x82><0xAC>` is "€", and tokenizers'
+    ByteFallback decodes a whole run at once, turning every byte into U+FFFD when the run as a whole is not UTF-8
+    (so a later byte can spoil an already complete character). So nothing of a byte run is emitted until a
+    non-byte token ends it; a multi-byte character split over tokens appears whole. Each step decodes only the
+    ids since the last emitted piece, with that piece's ids as context (for decoders that treat the first token
+    differently), so an n-token answer costs O(n) decoding, not O(n²).
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int]):
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        # Dropped by decode(skip_special_tokens=True) (every added token marked special, e.g. <end_of_turn>, not
+        # only the named ones), so they must not end a byte run here either.
+        self.skipped = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
+        self.ids: list[int] = []
+        self.context = 0  # ids[context:emitted] made the last piece: the context for decoding the next one
+        self.emitted = 0  # the text of ids[:emitted] is out
+        self.pieces: list[str] = []
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; returns the text that became final with it (often "")."""
+        if self.done or token_id in self.eos:
+            self.done = True
+            return ""
+        if token_id in self.skipped:
+            return ""
+        self.ids.append(int(token_id))
+        if _BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""):
+            return ""  # inside a byte run: its text is known only when the run ends
+        before = self._decode(self.ids[self.context:self.emitted])
+        now = self._decode(self.ids[self.context:])
+        if not now.startswith(before):  # a decoder that rewrites earlier text: finish() settles it
+            return ""
+        self.context, self.emitted = self.emitted, len(self.ids)
+        return self._out(now[len(before):])
+
+    def finish(self) -> str:
+        """The text not yet returned (e.g. a trailing byte run); after it the pieces join to decode_text(ids)."""
+        self.done = True
+        full, out = self._decode(self.ids), "".join(self.pieces)
+        return self._out(full[len(out):] if full.startswith(out) else "")
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _out(self, piece: str) -> str:
+        if piece:
+            self.pieces.append(piece)
+        return piece
+
+
 def generate(
     model: PaliGemmaForConditionalGeneration,
     processor: PaliGemmaProcessor,
@@ -241,17 +319,38 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    on_text: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Answer each (prompt, image) pair; returns one string per pair, the prompt not included.
+
+    on_token is called with each step's token ids (B,); on_text (one pair only) with each new piece of text as
+    it is generated — the pieces join to the returned string.
 
     >>> model, tokenizer = load_hf_model("paligemma-3b-pt-224", "cpu")
     >>> processor = make_processor(model, tokenizer)
     >>> generate(model, processor, ["caption en"], [Image.open("cow.jpg")], max_new_tokens=20)
+    >>> generate(model, processor, "caption en", Image.open("cow.jpg"), on_text=lambda s: print(s, end=""))
     """
     inputs = processor(text=prompts, images=images)
-    ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                       max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     eos = model.config.eos_token_id
+    step = on_token
+    if on_text is not None:
+        if inputs["input_ids"].shape[0] != 1:
+            raise ValueError("on_text streams one answer; give one prompt and one image")
+        stream = TextStream(processor.tokenizer, eos)
+
+        def step(token: torch.Tensor) -> None:
+            if on_token is not None:
+                on_token(token)
+            piece = stream.push(int(token[0]))
+            if piece:
+                on_text(piece)
+
+    ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                       max_new_tokens, do_sample, temperature, top_p, top_k, seed, on_token=step)
+    if on_text is not None and (rest := stream.finish()):
+        on_text(rest)
     return [decode_text(processor.tokenizer, row, eos) for row in ids.cpu()]
 
 
@@ -261,73 +360,10 @@ def make_processor(model: PaliGemmaForConditionalGeneration, tokenizer) -> PaliG
     return PaliGemmaProcessor(tokenizer, vc.num_image_tokens, vc.image_size)
 
 
-class ImageError(ValueError):
-    """An image file that cannot be used as-is; the message names the file and what to do."""
-
-
-class UsageError(ValueError):
-    """A command-line flag that is missing, unknown or has a bad value."""
-
-
-def load_image(path: str) -> Image.Image:
-    """Open an image file fully (so truncation is caught here), apply EXIF orientation as transformers does.
-
-    Raises ImageError for a missing path, a directory, an empty/unreadable/truncated file, or one above Pillow's
-    decompression-bomb limit (Image.MAX_IMAGE_PIXELS; refused already at 1x, where Pillow only warns). An
-    animated image gives its first frame, with a note on stderr.
-    """
-    p = Path(path)
-    if not str(path):
-        raise ImageError("no image given; pass --image_file_path FILE")
-    if not p.exists():
-        raise ImageError(f"image file {p} does not exist; check --image_file_path")
-    if p.is_dir():
-        raise ImageError(f"image path {p} is a directory; give an image file inside it")
-    if p.stat().st_size == 0:
-        raise ImageError(f"image file {p} is empty (0 bytes); re-download or re-save it")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                frames = getattr(im, "n_frames", 1)
-                im.load()
-                out = ImageOps.exif_transpose(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(
-            f"image file {p} is too large to decode safely ({str(e).split(',')[0]}); downscale it below "
-            f"{Image.MAX_IMAGE_PIXELS} pixels (PaliGemma sees at most 896x896 anyway)"
-        ) from None
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"{p} is not an image file Pillow can read; give a JPEG, PNG, GIF, WebP, BMP or TIFF file"
-        ) from None
-    except PermissionError:
-        raise ImageError(f"image file {p} cannot be read (permission denied); check its permissions") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
-        raise ImageError(
-            f"image file {p} is truncated or corrupt ({_one_line(e)}); re-download or re-save it"
-        ) from None
-    if frames > 1:
-        _log(f"note: {p.name} has {frames} frames; using the first")
-    return out
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-# Exit codes: 2 bad input (flags, image, checkpoint), 1 out of memory or an unexpected error, 130 interrupted.
-EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
-
-
 def main(
     model_path: str | None = None,
     prompt: str = "",
-    image_file_path: str | None = None,
+    image_file_path: str | list[str] | None = None,
     max_tokens_to_generate: int = 100,
     temperature: float = 0.8,
     top_p: float = 0.9,
@@ -338,13 +374,23 @@ def main(
     top_k: int = 0,
     seed: int | None = None,
     debug: bool = False,
+    stream: bool = True,
+    json: bool = False,
+    output_image: str | None = None,
+    batch_size: int = 8,
+    verbose: bool = False,
 ) -> None:
-    """Answer a prompt about an image with a PaliGemma checkpoint; prints only the generated text.
+    """Answer a prompt about one image or many with a PaliGemma checkpoint; stdout carries only the answers.
+
+    One image: the answer as plain text, streamed as it is generated (--json: one JSON object). Several images,
+    a directory or a glob: one JSON line per image in input order, {"path", "text", "boxes", "problems"} or
+    {"path", "error"}; a bar on stderr. "boxes" are the detection answer's boxes in the image's pixels.
 
     Args:
-        model_path: checkpoint directory in the Hugging Face layout (config.json, *.safetensors, tokenizer).
-        prompt: task prompt, e.g. "caption en", "answer en what is this?", "detect cat" ("" is valid).
-        image_file_path: the image to ask about.
+        model_path: checkpoint directory in the Hugging Face layout (config.json, *.safetensors, tokenizer), or a
+            hub id such as google/paligemma-3b-mix-224 (downloaded into / read from the Hugging Face cache).
+        prompt: task prompt, e.g. "caption en", "answer en what is this?", "detect cat ; dog" ("" is valid).
+        image_file_path: the image to ask about; or several files, a directory, or a quoted glob ("imgs/*.jpg").
         max_tokens_to_generate: most new tokens to generate (stops earlier at EOS).
         temperature: sampling temperature (used with --do_sample True; 0 means greedy).
         top_p: nucleus sampling threshold in (0, 1].
@@ -355,154 +401,178 @@ def main(
         top_k: keep only the k most likely tokens when sampling (0 = off).
         seed: random seed for sampling, for reproducible output.
         debug: show Python tracebacks instead of one-line errors.
+        stream: one image, plain text: print the answer token by token as it is generated (default True).
+        json: one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain answer.
+        output_image: draw the detected boxes and labels: a file (.png, .jpg) for one image, an existing
+            directory for several (each drawn as <name>.png).
+        batch_size: images per forward pass when there are several (default 8).
+        verbose: print load time, time to first token and tokens/s (images/s for several) to stderr.
 
     Errors end in one stderr line starting with "error:" and exit code 2 (bad input), 1 (out of memory or a
-    bug; --debug shows the traceback) or 130 (interrupted); see README "Errors".
+    bug; --debug shows the traceback) or 130 (interrupted); see README "Errors". With several images an
+    unreadable one gets an {"path", "error"} line, the rest still run, and the exit code is 2.
     """
     stage = "checking the flags"
+    failed = 0
     try:
-        _check_flags(max_tokens_to_generate, temperature, top_p, top_k, do_sample, only_cpu)
-        _check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug)
+        check_flags(max_tokens_to_generate, temperature, top_p, top_k, do_sample, only_cpu)
+        check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug)
+        check_bool_flags(stream=stream, json=json, verbose=verbose)
+        check_batch_size(batch_size)
+        paths, many = expand_image_paths(image_file_path)
+        drawings = output_image_paths(output_image, paths, many)
         dev = resolve_device("cpu" if only_cpu else device)
         dt = resolve_dtype(dtype, dev)
         if dev.type == "cpu" and dt == torch.float16:
-            _log("note: float16 on CPU works but is slow (no fast float16 CPU kernels); float32 or bfloat16 is faster")
-        stage = "reading the image"
-        image = load_image(str(image_file_path))  # before the model: a bad image should not cost a long load
+            log("note: float16 on CPU works but is slow (no fast float16 CPU kernels); float32 or bfloat16 is faster")
+        if not many:
+            stage = "reading the image"
+            image = load_image(paths[0])  # before the model: a bad image should not cost a long load
         stage = "loading the model"
+        started = time.perf_counter()
         model, tokenizer = load_hf_model(str(model_path), dev, dt)
-        _log(f"loaded {model_path} on {model.device} as {model.dtype}")
+        log(f"loaded {model_path} on {model.device} as {model.dtype}")
+        stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if verbose else None
         stage = "generating"
         processor = make_processor(model, tokenizer)
-        text = generate(model, processor, [str(prompt)], [image], max_tokens_to_generate, do_sample,
-                        temperature, top_p, top_k, seed)[0]
-    except BaseException as e:  # noqa: BLE001 — every failure becomes one line; --debug shows the traceback
-        if debug is True or isinstance(e, SystemExit):
-            raise
-        code, message = _describe(e, stage)
-        _log(f"error: {message}")
-        sys.exit(code)
-    print(text)
-
-
-def _describe(e: BaseException, stage: str) -> tuple[int, str]:
-    """An exception -> (exit code, the one-line message after "error: ")."""
-    if isinstance(e, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, f"interrupted while {stage}"
-    oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-    if oom:
-        detail = f" ({_one_line(e)[:200]})" if str(e) else ""
-        if stage == "generating":
-            hint = "lower --max_tokens_to_generate, use --dtype bfloat16, or use a device with more memory"
+        settings = (max_tokens_to_generate, do_sample, temperature, top_p, top_k, seed)
+        if many:
+            failed = _answer_many(model, processor, str(prompt), paths, batch_size, settings, drawings, stats)
         else:
-            hint = "try --dtype bfloat16 (half of float32), a smaller checkpoint, or a device with more memory"
-        return EXIT_FAILURE, f"out of memory while {stage}{detail}; {hint}"
-    if isinstance(e, (CheckpointError, ProcessorError, ImageError, UsageError, ValueError)):
-        return EXIT_BAD_INPUT, _one_line(e)
-    if isinstance(e, OSError) and e.filename is not None:
-        return EXIT_BAD_INPUT, f"{e.strerror or _one_line(e)}: {e.filename}; check the path and its permissions"
-    return EXIT_FAILURE, (f"unexpected {type(e).__name__} while {stage}: {_one_line(e)[:300]}; "
-                          "rerun with --debug for the traceback and report it")
+            _answer_one(model, processor, str(prompt), paths[0], image, settings, stream and not json, json,
+                        drawings and drawings[0], stats)
+        if stats is not None:
+            stats.report(many)
+    except BaseException as e:  # noqa: BLE001 — every failure becomes one line; --debug shows the traceback
+        # SystemExit passes; a closed stdout goes to cli()'s handler, which knows how to exit quietly.
+        if debug is True or isinstance(e, (SystemExit, BrokenPipeError)):
+            raise
+        code, message = describe(e, stage)
+        log(f"error: {message}")
+        sys.exit(code)
+    if failed:
+        log(f"error: {failed} of {len(paths)} images could not be read; their JSON lines on stdout say why")
+        sys.exit(EXIT_BAD_INPUT)
 
 
-def _check_flags(max_tokens, temperature, top_p, top_k, do_sample, only_cpu) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise UsageError(f"--max_tokens_to_generate must be a positive integer, got {max_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise UsageError(f"--temperature must be a number >= 0, got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise UsageError(f"--top_k must be an integer >= 0, got {top_k!r}")
-    for name, value in (("--do_sample", do_sample), ("--only_cpu", only_cpu)):
-        if not isinstance(value, bool):
-            raise UsageError(f"{name} must be True or False, got {value!r}")
+def _answer_one(model, processor, prompt, path, image, settings, stream, as_json, drawing, stats) -> None:
+    """One image: the plain answer (streamed, or all at the end) or one JSON object; the drawing if asked for."""
+    shown: list[str] = []
+    text = _generate(model, processor, [prompt], [image], settings, stats, _show(shown) if stream else None)[0]
+    if as_json or drawing:
+        boxes, problems = parse_detections(text, *image.size)
+    if drawing:
+        draw_detections(image, boxes).save(drawing)
+        log(f"note: drew {len(boxes)} box{'es' * (len(boxes) != 1)} on {drawing}")
+        for problem in problems:
+            log(f"note: {problem}")
+    if as_json:
+        print(_json.dumps(_record(path, text, boxes, problems), ensure_ascii=False))
+    else:
+        done = "".join(shown)
+        print(text[len(done):] if text.startswith(done) else "")  # the rest (all of it when not streamed), "\n"
 
 
-def _check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug) -> None:
-    if not isinstance(debug, bool):
-        raise UsageError(f"--debug must be True or False, got {debug!r}")
-    if model_path is None or model_path == "":
-        raise UsageError("--model_path is required: the checkpoint directory (config.json, *.safetensors, tokenizer)")
-    if image_file_path is None or image_file_path == "":
-        raise UsageError("--image_file_path is required: the image to ask about")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
-    if only_cpu and device is not None and str(device) != "cpu":
-        raise UsageError(f"--only_cpu True contradicts --device {device}; give one of them")
+def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings, stats) -> int:
+    """Several images, batch_size at a time: one JSON line per image in input order. Returns how many failed."""
+    failed = 0
+    with tqdm(total=len(paths), desc="images", unit="image", file=sys.stderr) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            images: dict[int, Image.Image] = {}
+            records: dict[int, dict] = {}
+            for i, path in enumerate(chunk):
+                try:  # an image that cannot be read or converted gets its error line; the others go on
+                    images[i] = to_rgb(load_image(path))
+                except (ValueError, OSError) as e:
+                    records[i] = {"path": path, "error": one_line(e)}
+            if images:
+                rows = list(images)
+                texts = _generate(model, processor, [prompt] * len(rows), [images[i] for i in rows], settings, stats)
+                for i, text in zip(rows, texts, strict=True):
+                    boxes, problems = parse_detections(text, *images[i].size)
+                    records[i] = _record(chunk[i], text, boxes, problems)
+                    if drawings:
+                        draw_detections(images[i], boxes).save(drawings[start + i])
+            for i in range(len(chunk)):
+                print(_json.dumps(records[i], ensure_ascii=False), flush=True)
+                failed += "error" in records[i]
+            bar.update(len(chunk))
+    return failed
 
 
-# Flags whose value is text: passed to fire as a quoted literal so that e.g. --prompt 1e3 stays "1e3"
-# (fire would otherwise turn it into the float 1000.0) and --model_path 2024 stays a path.
-_TEXT_FLAGS = ("model_path", "prompt", "image_file_path", "device", "dtype")
+def _generate(model, processor, prompts, images, settings, stats, on_text=None) -> list[str]:
+    """generate() with the CLI's settings, timed for --verbose when stats is given."""
+    if stats is None:
+        return generate(model, processor, prompts, images, *settings, None, on_text)
+    stats.begin(len(prompts))
+    texts = generate(model, processor, prompts, images, *settings, stats.on_token, on_text)
+    stats.end()
+    return texts
 
 
-def _prepare_argv(argv: list[str]) -> list[str]:
-    """Check flag names before fire runs main (fire runs it first and complains about unknown flags after) and
-    quote the values of text flags. Raises UsageError for an unknown flag or a surplus positional argument."""
-    params = inspect.signature(main).parameters
-    bools = {n for n, p in params.items() if isinstance(p.default, bool)}
-    out, given, positional = [], set(), []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":  # fire's own flags follow
-            out += argv[i:]
-            break
-        if not tok.startswith("--") or tok == "--help":
-            if tok.startswith("-") and tok not in ("-h", "-", "--help") and not _is_number(tok):
-                raise UsageError(f"unknown option {tok}; flags are spelled --name (see --help)")
-            if not tok.startswith("-") or _is_number(tok):
-                positional.append(tok)
-            out.append(tok)
-            i += 1
-            continue
-        name, eq, value = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in params and name.startswith("no") and name[2:] in bools and not eq:
-            given.add(name[2:])
-            out.append(tok)
-            i += 1
-            continue
-        if name not in params:
-            close = difflib.get_close_matches(name, list(params), n=1)
-            hint = f"did you mean --{close[0]}? " if close else ""
-            raise UsageError(f"unknown flag --{name}; {hint}see --help for the flags")
-        given.add(name)
-        if not eq:
-            takes_value = name not in bools or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
-            if not takes_value:
-                out.append(tok)
-                i += 1
-                continue
-            if i + 1 >= len(argv):
-                raise UsageError(f"--{name} needs a value")
-            value = argv[i + 1]
-            i += 1
-        out.append(f"--{name}={value!r}" if name in _TEXT_FLAGS else f"--{name}={value}")
-        i += 1
-    free = [n for n in params if n not in given]
-    if len(positional) > len(free):
-        raise UsageError(f"unexpected argument {positional[len(free)]!r}; give options as --name value (see --help)")
-    return out
+def _record(path: str, text: str, boxes: list[Detection], problems: list[str]) -> dict:
+    return {"path": path, "text": text, "boxes": [b.to_json() for b in boxes], "problems": problems}
 
 
-def _is_number(tok: str) -> bool:
-    try:
-        float(tok)
-        return True
-    except ValueError:
-        return False
+class _Stats:
+    """--verbose: load time, time to first token, and decoding speed (tokens after each row's first, up to EOS)."""
+
+    def __init__(self, load_s: float, eos_token_ids: Sequence[int]):
+        self.load_s, self.eos = load_s, set(eos_token_ids)
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.tokens = self.images = self.batches = 0
+        self.decode_s = 0.0
+
+    def begin(self, rows: int) -> None:
+        self.call_start, self.first_at, self.open_rows = time.perf_counter(), None, [True] * rows
+
+    def on_token(self, token: torch.Tensor) -> None:
+        step = token.tolist()  # waits for the device, so the times below are when tokens exist
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+            if self.first_token_s is None:
+                self.first_token_s = self.first_at - self.call_start
+        else:
+            self.tokens += sum(self.open_rows)
+        self.open_rows = [open_ and t not in self.eos for open_, t in zip(self.open_rows, step, strict=True)]
+
+    def end(self) -> None:
+        if self.first_at is not None:
+            self.decode_s += time.perf_counter() - self.first_at
+        self.images += len(self.open_rows)
+        self.batches += 1
+
+    def report(self, many: bool) -> None:
+        log(f"note: load {self.load_s:.2f} s")
+        if self.first_token_s is not None:
+            log(f"note: first token {self.first_token_s:.3f} s (vision tower + prompt prefill"
+                f"{' of the first batch' if many else ''})")
+        rate = self.tokens / self.decode_s if self.decode_s > 0 else 0.0
+        log(f"note: {self.tokens} more tokens in {self.decode_s:.2f} s: {rate:.1f} tokens/s")
+        if many:
+            total = time.perf_counter() - self.started
+            log(f"note: {self.images} images in {self.batches} batch{'es' * (self.batches != 1)}, {total:.2f} s: "
+                f"{self.images / total:.2f} images/s")
+
+
+def _show(shown: list[str]) -> Callable[[str], None]:
+    """on_text for streaming to stdout: each piece written and flushed at once, and remembered in `shown`."""
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        shown.append(piece)
+    return show
 
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: flag names checked here, values parsed by fire, every failure one "error:" line."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        argv = _prepare_argv(argv)
+        argv = prepare_argv(argv, main)
     except UsageError as e:
-        _log(f"error: {e}")
+        log(f"error: {e}")
         sys.exit(EXIT_BAD_INPUT)
     import fire
 
@@ -511,7 +581,7 @@ def cli(argv: list[str] | None = None) -> None:
         sys.stdout.flush()  # a block-buffered stdout would otherwise fail only at exit, outside this handler
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): not worth a traceback
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet
-        _log("error: stdout was closed before the answer was written (e.g. piped into head)")
+        log("error: stdout was closed before the answer was written (e.g. piped into head)")
         sys.exit(EXIT_FAILURE)
 
 

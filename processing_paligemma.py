@@ -1,4 +1,5 @@
-"""PaliGemma input processing: images -> pixel values, prompts -> `<image>` × N, BOS, prompt, "\\n" token ids.
+"""PaliGemma input processing: images -> pixel values, prompts -> `<image>` × N, BOS, prompt, "\\n" token ids;
+and the way back for detection answers: `<locYYYY>` groups -> labelled boxes in pixels, drawn on the image.
 
 Checked against transformers `models/paligemma/processing_paligemma.py` and `SiglipImageProcessor` (v5.23; the
 tests compare ids exactly and pixels to 1e-6) and big_vision's PaliGemma README (prompt format).
@@ -6,11 +7,14 @@ tests compare ids exactly and pixels to 1e-6) and big_vision's PaliGemma README 
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_TOKEN = "<image>"
 
@@ -118,3 +122,116 @@ class PaliGemmaProcessor:
                     from None
         pixel_values = torch.from_numpy(np.stack(pixels))
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detection answers: "<loc0051><loc0309><loc0708><loc0646> shoe ; <loc...>x4 dog" -> boxes
+# ---------------------------------------------------------------------------------------------------------------
+
+LOC_BINS = 1024  # <loc0000> .. <loc1023>
+_LOC_RUN = re.compile(r"((?:<loc\d{4}>)+)")
+_LOC = re.compile(r"<loc(\d{4})>")
+_SEG_RUN = re.compile(r"^(?:<seg\d{3}>)+")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One object of a detection answer.
+
+    box: (x_min, y_min, x_max, y_max) in pixels of the original image (0 .. width, 0 .. height), 2 decimals.
+    loc: the four bins as generated, in PaliGemma's order (y_min, x_min, y_max, x_max), each 0 .. 1023.
+    """
+
+    label: str
+    box: tuple[float, float, float, float]
+    loc: tuple[int, int, int, int]
+
+    def to_json(self) -> dict:
+        return {"label": self.label, "box": list(self.box), "loc": list(self.loc)}
+
+
+def parse_detections(text: str, width: int, height: int) -> tuple[list[Detection], list[str]]:
+    """A detection answer -> (boxes, problems); never raises.
+
+    The answer is groups of four `<locYYYY>` tokens (y_min, x_min, y_max, x_max) and a label, separated by " ; ".
+    Bin b becomes b / 1023 * size, the rule of big_vision's PaliGemma evaluator
+    (google-research/big_vision, big_vision/evaluators/proj/paligemma/transfers/segmentation.py: `tokens / 1023`
+    then `* h`, `* w`; its training pp ops bin with `round(v * 1023)`), so <loc0000> is the image's first pixel
+    edge and <loc1023> its last. `<segNNN>` mask tokens after a box (segmentation answers) are skipped.
+
+    Only whole groups become boxes; every other part (too few or too many `<loc>` tokens, e.g. an answer cut
+    off by the token limit, a missing label, a box whose max is not above its min — big_vision counts those as
+    invalid too, a bin above 1023, text outside any group) is described in `problems`. Text without any
+    `<loc` token is not a detection answer: no boxes, no problems.
+    """
+    boxes: list[Detection] = []
+    problems: list[str] = []
+    if not isinstance(text, str) or "<loc" not in text:
+        return boxes, problems
+    parts = _LOC_RUN.split(text)  # [before, locs1, after1, locs2, after2, ...]
+    _report_stray(parts[0], "before the first box", problems)
+    for n, (locs, after) in enumerate(zip(parts[1::2], parts[2::2], strict=True), start=1):
+        head, _, rest = after.partition(";")
+        label = _SEG_RUN.sub("", head.lstrip()).strip()
+        group = f"group {n} ({_short((locs + head).strip())})"
+        _report_stray(rest, f"after {group}", problems)
+        bins = [int(b) for b in _LOC.findall(locs)]
+        if len(bins) != 4:
+            problems.append(f"{group}: {len(bins)} <loc> tokens, expected 4 (y_min, x_min, y_max, x_max)")
+            continue
+        if max(bins) >= LOC_BINS:
+            problems.append(f"{group}: bin {max(bins)} is above {LOC_BINS - 1}")
+            continue
+        y0, x0, y1, x1 = bins
+        if y1 <= y0 or x1 <= x0:
+            problems.append(f"{group}: empty or inverted box (y {y0}..{y1}, x {x0}..{x1})")
+            continue
+        if not label:
+            problems.append(f"{group}: no label after the box")
+            continue
+        box = tuple(round(b / (LOC_BINS - 1) * size, 2) for b, size in ((x0, width), (y0, height), (x1, width),
+                                                                          (y1, height)))
+        boxes.append(Detection(label, box, (y0, x0, y1, x1)))
+    return boxes, problems
+
+
+def _report_stray(text: str, where: str, problems: list[str]) -> None:
+    stray = text.strip(" ;\n")
+    if stray:
+        problems.append(f"text {_short(stray)} {where} is not part of any box")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+# Distinct, saturated colours (one per label, in order of first appearance).
+_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+
+
+def draw_detections(image: Image.Image, detections: Sequence[Detection]) -> Image.Image:
+    """A copy of `image` (as RGB) with each box outlined and its label in a tag at the box's top-left corner.
+
+    Everything drawn for a box stays inside that box (a tag wider than a small box is cut at its edge), so the
+    drawing changes no pixel outside the boxes.
+    """
+    out = to_rgb(image).copy()
+    width, height = out.size
+    line = max(1, round(min(width, height) / 120))
+    font = ImageFont.load_default(size=max(10, round(min(width, height) / 40)))
+    draw = ImageDraw.Draw(out)
+    colors: dict[str, tuple[int, int, int]] = {}
+    for det in detections:
+        color = colors.setdefault(det.label, _COLORS[len(colors) % len(_COLORS)])
+        # Pixel (i, j) covers [i, i+1): the box's pixels run from floor(min) to ceil(max) - 1.
+        x0, y0 = (min(max(math.floor(v), 0), lim - 1) for v, lim in zip(det.box[:2], (width, height), strict=True))
+        x1, y1 = (min(max(math.ceil(v) - 1, 0), lim - 1) for v, lim in zip(det.box[2:], (width, height), strict=True))
+        x1, y1 = max(x0, x1), max(y0, y1)
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
+        left, top, right, bottom = draw.textbbox((0, 0), det.label, font=font)
+        pad = 2
+        tag = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), color)
+        ImageDraw.Draw(tag).text((pad - left, pad - top), det.label, fill=(255, 255, 255), font=font)
+        out.paste(tag.crop((0, 0, min(tag.width, x1 - x0 + 1), min(tag.height, y1 - y0 + 1))), (x0, y0))
+    return out

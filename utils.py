@@ -1,10 +1,11 @@
 """Config parsing and strict, low-memory safetensors loading for hub-layout PaliGemma checkpoints.
 
-`load_hf_model(path, device)` reads a sparse hub `config.json` (absent fields take the real checkpoints'
-values, listed in ../shared/PALIGEMMA_FACTS.md), builds the model on the meta device, and streams every tensor
-from `model.safetensors` or the shards named by `model.safetensors.index.json` straight into the target
-device and dtype, so peak memory stays near one copy of the weights. Every key, shape and dtype is checked;
-pickled `*.bin` checkpoints are refused (unpickling can run code).
+`load_hf_model(path, device)` takes a checkpoint directory or a hub id (`google/paligemma-3b-mix-224`, resolved
+through the Hugging Face cache by `resolve_model_path`), reads a sparse hub `config.json` (absent fields take
+the real checkpoints' values, listed in ../shared/PALIGEMMA_FACTS.md), builds the model on the meta device,
+and streams every tensor from `model.safetensors` or the shards named by `model.safetensors.index.json`
+straight into the target device and dtype, so peak memory stays near one copy of the weights. Every key, shape
+and dtype is checked; pickled `*.bin` checkpoints are refused (unpickling can run code).
 
 Checked against: transformers `models/paligemma/configuration_paligemma.py`, `models/gemma*/configuration_*.py`,
 `models/siglip/configuration_siglip.py` and its checkpoint conversion scripts (key layouts).
@@ -13,11 +14,16 @@ Checked against: transformers `models/paligemma/configuration_paligemma.py`, `mo
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 from modeling_gemma import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from modeling_siglip import SiglipVisionConfig
@@ -224,13 +230,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
-def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype):
-    """Stream every tensor of the checkpoint into `model` (built on meta) with full key/shape/dtype checks."""
+def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype,
+                 on_bytes: Callable[[int], None] | None = None):
+    """Stream every tensor of the checkpoint into `model` (built on meta) with full key/shape/dtype checks.
+
+    on_bytes (progress): called with each tensor's size in bytes, and with the rest of each shard's file size
+    (header, skipped tensors) after it, so the calls add up to the weight files' total size.
+    """
     expected = {name: t.shape for name, t in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
     where: dict[str, str] = {}
     for path in weight_files(model_path):
         reader: _ShardReader | None = None  # opened on the first tensor that needs converting
+        shard_done = 0
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
@@ -266,11 +278,17 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
                         reader = reader or _ShardReader(path)
                         loaded[name] = reader.read(key, dtype, device)
                     where[name] = path.name
+                    if on_bytes is not None:
+                        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                        on_bytes(nbytes)
+                        shard_done += nbytes
         except SafetensorError as e:
             raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
         finally:
             if reader is not None:
                 reader.close()
+        if on_bytes is not None:
+            on_bytes(path.stat().st_size - shard_done)
     missing = [k for k in expected if k not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -343,19 +361,72 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[str(dtype)]
 
 
+# owner/name as the hub spells repo ids: letters, digits, "-", "_", "." (no "--" or ".."), at most 96 each.
+_HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}", re.ASCII)
+# What a checkpoint needs: weights, config/index/tokenizer JSON, the SentencePiece model. Never *.bin, *.pt.
+HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model"]
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> Path:
+    """A local path as it is; a hub id (`owner/name` that is not an existing local path) -> the directory of its
+    snapshot in the Hugging Face cache, downloading only HUB_FILES when they are not cached yet.
+
+    The cache and the mode follow huggingface_hub's environment: HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 (use
+    the cache only), HF_TOKEN (gated checkpoints). Raises CheckpointError with one line for an id that is not
+    cached while offline or while the hub cannot be reached, not found, gated, or failing to download.
+    """
+    text = os.fspath(model_path)
+    if Path(text).exists() or not _HUB_ID.fullmatch(text):
+        return Path(text)  # a local directory always wins over a hub id of the same spelling
+    from huggingface_hub import constants, snapshot_download  # only when a hub id is used: ~0.2 s import
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise CheckpointError(f"{text} is gated on the Hugging Face hub: accept its licence at https://huggingface.co/"
+                              f"{text} and log in (`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{text} is neither a local directory nor a model on the Hugging Face hub (a private "
+                              "one needs a login: `hf auth login` or HF_TOKEN); check the spelling") from None
+    except LocalEntryNotFoundError as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x: a partial earlier download
+            raise CheckpointError(f"the cached copy of {text} in {cache} is incomplete and the hub "
+                                  "cannot be reached to complete it; retry with network access") from None
+        if constants.HF_HUB_OFFLINE:
+            raise CheckpointError(
+                f"{text} is not a local directory, and the Hugging Face cache ({cache}) has no copy of it while "
+                "HF_HUB_OFFLINE=1 forbids downloading; download it once with network access (or unset "
+                "HF_HUB_OFFLINE), or give a checkpoint directory") from None
+        cause = e.__cause__ or e
+        raise CheckpointError(
+            f"{text} is not a local directory, the Hugging Face cache ({cache}) has no copy of it, and the hub "
+            f"cannot be reached ({type(cause).__name__}); check the network, or give a checkpoint directory") from None
+    except HfHubHTTPError as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"downloading {text} from the Hugging Face hub failed ({detail}); retry, or give a "
+                              "downloaded checkpoint directory") from None
+
+
 def load_hf_model(
     model_path: str | os.PathLike,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    progress: bool = True,
 ):
-    """Load a hub-layout PaliGemma checkpoint directory -> (model in eval mode, tokenizer).
+    """Load a PaliGemma checkpoint -> (model in eval mode, tokenizer).
 
-    device: "cpu", "cuda", "mps", or None for the best available. dtype: default float32 on CPU, bfloat16 on
-    CUDA/MPS. Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.
+    model_path: a directory in the hub layout, or a hub id such as "google/paligemma-3b-mix-224" (see
+    resolve_model_path; a local directory of that name wins). device: "cpu", "cuda", "mps", or None for the best
+    available. dtype: default float32 on CPU, bfloat16 on CUDA/MPS. progress: a loading bar on stderr.
+    Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.
     """
-    root = Path(model_path)
+    root = resolve_model_path(model_path)
     if not root.exists():
-        raise CheckpointError(f"model path {root} does not exist; give a downloaded checkpoint directory")
+        raise CheckpointError(
+            f"model path {root} does not exist; give a downloaded checkpoint directory or a hub id such as "
+            "google/paligemma-3b-mix-224")
     if not root.is_dir():
         raise CheckpointError(f"model path {root} is a file; give the checkpoint directory that contains it")
     dev = resolve_device(device)
@@ -364,6 +435,11 @@ def load_hf_model(
     tokenizer = load_tokenizer(root, config)
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
-    load_weights(model, root, dev, dt)
+    total = sum(f.stat().st_size for f in weight_files(root))
+    # disable= only when asked: an explicit value would override the TQDM_DISABLE environment variable. The
+    # with-block closes the bar, ending its line, also when loading fails: the error starts a line of its own.
+    with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, file=sys.stderr,
+              **({} if progress else {"disable": True})) as bar:
+        load_weights(model, root, dev, dt, bar.update)
     model.eval().requires_grad_(False)
     return model, tokenizer

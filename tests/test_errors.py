@@ -13,6 +13,7 @@ import subprocess
 import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,6 +322,46 @@ def test_cuda_requested_without_cuda(runs):
 @pytest.mark.parametrize("missing", ["--model_path", "--image_file_path"])
 def test_missing_required_flag(runs, missing):
     assert_error(runs["missing", missing].result()[0], 2, f"{missing} is required")
+
+
+# Flags of the many-images / output features: checked in-process through inference.cli (the same path the
+# command line takes) with the model loader replaced by a failure, which proves they are refused before loading.
+def _new_flag_cases(jpg, tmp):
+    two = [str(jpg), str(jpg.parent / "other.jpg")]
+    return {
+        "batch-size-0": (["--batch_size", "0"], "--batch_size must be a positive integer, got 0"),
+        "batch-size-float": (["--batch_size", "2.5"], "--batch_size must be a positive integer, got 2.5"),
+        "stream-maybe": (["--stream", "maybe"], "--stream must be True or False, got 'maybe'"),
+        "json-yes": (["--json", "yes"], "--json must be True or False, got 'yes'"),
+        "verbose-2": (["--verbose", "2"], "--verbose must be True or False, got 2"),
+        "output-unknown-ext": (["--output_image", tmp / "out.xyz"], "Pillow cannot write .xyz; use .png or .jpg"),
+        "output-no-ext": (["--output_image", tmp / "out"], "Pillow cannot write files without an extension"),
+        "output-missing-dir": (["--output_image", tmp / "nope" / "o.png"], f"directory {tmp / 'nope'} does not exist"),
+        "output-is-dir": (["--output_image", tmp], "is a directory; give a file name such as"),
+        "output-is-input": (["--output_image", jpg], f"--output_image {jpg} is the input image"),
+        "output-not-dir-for-many": (["--image_file_path", *two, "--output_image", tmp / "o.png"],
+                                    "must be an existing directory when several images are given"),
+        "output-same-names": (["--image_file_path", tmp / "a" / "x.jpg", tmp / "b" / "x.png", "--output_image", tmp],
+                              "would both be drawn to"),
+        "glob-no-match": (["--image_file_path", tmp / "*.nothing"], "no files match --image_file_path"),
+    }
+
+
+NEW_FLAG_CASES = list(_new_flag_cases(Path("i.jpg"), Path("t")))
+
+
+@pytest.mark.parametrize("case", NEW_FLAG_CASES)
+def test_bad_new_flag(ckpt, jpg, tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setattr(inference, "load_hf_model", _fail(AssertionError("the model must not load")))
+    args, needle = _new_flag_cases(jpg, tmp_path)[case]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    base = ["--model_path", str(ckpt)] + ([] if "--image_file_path" in args else ["--image_file_path", str(jpg)])
+    with pytest.raises(SystemExit) as info:
+        inference.cli(base + [str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == "" and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
 
 
 def test_text_flags_are_not_parsed_as_python_literals(ckpt, jpg, monkeypatch, capsys):

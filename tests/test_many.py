@@ -1,0 +1,156 @@
+"""Many images (files, a directory, a glob) as JSON Lines in input order, --json, --output_image, --verbose,
+--help. Most runs go through inference.cli in-process (the same path as the command line, without ~3 s of
+interpreter start-up each); the folder run is a real subprocess."""
+
+import inspect
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, random_image
+from PIL import Image
+
+import inference
+from processing_paligemma import draw_detections, parse_detections
+
+NAME = "pg1-legacy-mqa-224"
+SIZES = [(64, 48), (30, 90), (120, 40), (50, 50)]
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint):
+    return checkpoint(NAME)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """5 images, sorted by name: a, b, c (corrupt: a truncated JPEG), d, e; plus a text file that is skipped."""
+    d = tmp_path_factory.mktemp("folder")
+    names = ["a.png", "b.jpg", "d.png", "e.webp"]
+    for i, (name, size) in enumerate(zip(names, SIZES, strict=True)):
+        random_image(10 + i, size).save(d / name)
+    random_image(9, (64, 64)).save(d / "c.jpg")
+    (d / "c.jpg").write_bytes((d / "c.jpg").read_bytes()[:300])
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def cli(capsys, *args):
+    """inference.cli in-process -> (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        inference.cli([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def single(capsys, ckpt, image, prompt="caption en", n=12):
+    code, out, err = cli(capsys, "--model_path", ckpt, "--prompt", prompt, "--image_file_path", image,
+                         "--max_tokens_to_generate", n, "--stream", "False")
+    assert code == 0, err
+    return out.removesuffix("\n")
+
+
+def test_folder_run_one_line_per_image_one_error(ckpt, folder, capsys):
+    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(ckpt), "--prompt",
+                          "caption en", "--image_file_path", str(folder), "--max_tokens_to_generate", "12",
+                          "--batch_size", "2"], capture_output=True, text=True, timeout=180)
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["path"] for line in lines] == [str(folder / n) for n in ["a.png", "b.jpg", "c.jpg", "d.png",
+                                                                         "e.webp"]]
+    assert "truncated or corrupt" in lines[2]["error"] and set(lines[2]) == {"path", "error"}
+    for line in lines[:2] + lines[3:]:  # equal to single-image runs of the CLI, image by image
+        assert line["text"] == single(capsys, ckpt, line["path"]) and line["text"].strip()
+        assert set(line) == {"path", "text", "boxes", "problems"}
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert [e for e in run.stderr.splitlines() if e.startswith("error:")] == [
+        "error: 1 of 5 images could not be read; their JSON lines on stdout say why"]
+    assert "images: 100%" in run.stderr  # the progress bar, on stderr
+
+
+def test_files_and_globs_keep_the_input_order(ckpt, folder, capsys, tmp_path):
+    a, b, d = (str(folder / n) for n in ["a.png", "b.jpg", "d.png"])
+    missing = str(tmp_path / "missing.jpg")
+    code, out, err = cli(capsys, "--model_path", ckpt, "--prompt", "caption en", "--image_file_path", d, missing, a,
+                         d, "--max_tokens_to_generate", 12, "--batch_size", 3)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["path"] for line in lines] == [d, missing, a, d] and code == 2
+    assert lines[1] == {"path": missing, "error": f"image file {missing} does not exist; check --image_file_path"}
+    assert lines[0]["text"] == lines[3]["text"] == single(capsys, ckpt, d)
+    assert lines[2]["text"] == single(capsys, ckpt, a)
+    # A quoted glob, matching one file: still JSON Lines (the format follows the command, not the match count).
+    code, out, _ = cli(capsys, "--model_path", ckpt, "--image_file_path", str(folder / "[b]*"),
+                       "--max_tokens_to_generate", 3)
+    assert code == 0 and [json.loads(line)["path"] for line in out.splitlines()] == [b]
+
+
+def test_boxes_are_in_each_images_own_pixels(ckpt, folder, capsys, monkeypatch, tmp_path):
+    answer = "<loc0000><loc0000><loc1023><loc0511> left half ; <loc0256><loc0256><loc0767><loc0767> middle"
+    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, images, *a: [answer] * len(prompts))
+    out_dir = tmp_path / "drawn"
+    out_dir.mkdir()
+    code, out, _ = cli(capsys, "--model_path", ckpt, "--prompt", "detect left half ; middle", "--image_file_path",
+                       folder, "--output_image", out_dir, "--batch_size", 3)
+    good = [json.loads(line) for line in out.splitlines() if "error" not in line]
+    assert code == 2 and len(good) == 4
+    for line, (w, h) in zip(good, SIZES, strict=True):
+        assert line["boxes"][0] == {"label": "left half", "box": [0.0, 0.0, round(511 / 1023 * w, 2), float(h)],
+                                    "loc": [0, 0, 1023, 511]}
+        assert line["problems"] == [] and [b["label"] for b in line["boxes"]] == ["left half", "middle"]
+        drawn = Image.open(out_dir / (line["path"].rsplit("/", 1)[1].rsplit(".", 1)[0] + ".png"))
+        expected = draw_detections(inference.load_image(line["path"]), parse_detections(answer, w, h)[0])
+        assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a.png", "b.png", "d.png", "e.png"]
+
+
+def test_single_image_json_and_drawing(ckpt, capsys, monkeypatch, tmp_path):
+    image = tmp_path / "img.jpg"
+    random_image(4, (90, 60)).save(image)
+    answer = "<loc0100><loc0200><loc0900><loc0800> cat ; <loc0001><loc0002> dog"
+    monkeypatch.setattr(inference, "generate", lambda *a: [answer])
+    drawn = tmp_path / "boxes.png"
+    code, out, err = cli(capsys, "--model_path", ckpt, "--prompt", "detect cat ; dog", "--image_file_path", image,
+                         "--json", "--output_image", drawn)
+    assert code == 0, err
+    boxes, problems = parse_detections(answer, 90, 60)
+    assert json.loads(out) == {"path": str(image), "text": answer, "boxes": [b.to_json() for b in boxes],
+                               "problems": problems}
+    assert out.count("\n") == 1 and len(problems) == 1 and "2 <loc> tokens" in problems[0]
+    assert f"note: drew 1 box on {drawn}" in err and f"note: {problems[0]}" in err
+    expected = draw_detections(inference.load_image(str(image)), boxes)
+    assert np.array_equal(np.asarray(Image.open(drawn)), np.asarray(expected))
+
+
+def test_verbose_reports_load_first_token_and_speed(ckpt, folder, capsys):
+    code, out, err = cli(capsys, "--model_path", ckpt, "--image_file_path", folder / "a.png", "--verbose",
+                         "--max_tokens_to_generate", 5)
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert code == 0 and out.strip()
+    assert notes[0].startswith("note: load ") and notes[0].endswith(" s")
+    assert notes[1].startswith("note: first token ") and "prefill" in notes[1]
+    assert notes[2].startswith("note: ") and notes[2].endswith("tokens/s") and len(notes) == 3
+    code, out, err = cli(capsys, "--model_path", ckpt, "--image_file_path", folder, "--verbose", "True",
+                         "--max_tokens_to_generate", 3, "--batch_size", 4)
+    assert "note: 4 images in 2 batches" in err and "images/s" in err
+
+
+def test_help_documents_every_flag():
+    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    shown = run.stdout + run.stderr  # fire writes help to stderr when it is not a terminal
+    doc = inference.main.__doc__
+    for name in inspect.signature(inference.main).parameters:
+        assert f"--{name}=" in shown, name
+        assert f"        {name}: " in doc, name  # described in the docstring's Args, which fire shows
+    assert run.returncode == 0 and "hub id" in shown and "JSON" in shown and "directory" in shown
+
+
+def test_short_flags_that_help_lists_work(ckpt, folder, capsys):
+    code, out, err = cli(capsys, "--model_path", ckpt, "-p", "caption en", "-i", folder / "a.png",
+                         "--max_tokens_to_generate", 12, "-j")
+    assert code == 0, err
+    assert json.loads(out)["text"] == single(capsys, ckpt, folder / "a.png")
