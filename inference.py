@@ -321,11 +321,12 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     on_text: Callable[[str], None] | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """Answer each (prompt, image) pair; returns one string per pair, the prompt not included.
 
     on_token is called with each step's token ids (B,); on_text (one pair only) with each new piece of text as
-    it is generated — the pieces join to the returned string.
+    it is generated — the pieces join to the returned string. compile: see generate_ids (pays on CUDA only).
 
     >>> model, tokenizer = load_hf_model("paligemma-3b-pt-224", "cpu")
     >>> processor = make_processor(model, tokenizer)
@@ -348,7 +349,7 @@ def generate(
                 on_text(piece)
 
     ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                       max_new_tokens, do_sample, temperature, top_p, top_k, seed, on_token=step)
+                       max_new_tokens, do_sample, temperature, top_p, top_k, seed, on_token=step, compile=compile)
     if on_text is not None and (rest := stream.finish()):
         on_text(rest)
     return [decode_text(processor.tokenizer, row, eos) for row in ids.cpu()]
@@ -379,6 +380,7 @@ def main(
     output_image: str | None = None,
     batch_size: int = 8,
     verbose: bool = False,
+    compile: bool = False,
 ) -> None:
     """Answer a prompt about one image or many with a PaliGemma checkpoint; stdout carries only the answers.
 
@@ -407,6 +409,8 @@ def main(
             directory for several (each drawn as <name>.png).
         batch_size: images per forward pass when there are several (default 8).
         verbose: print load time, time to first token and tokens/s (images/s for several) to stderr.
+        compile: CUDA only: compile the decode step into one CUDA graph per token (torch.compile); the first
+            call compiles for a minute, so it pays for long answers and many images. Ignored elsewhere.
 
     Errors end in one stderr line starting with "error:" and exit code 2 (bad input), 1 (out of memory or a
     bug; --debug shows the traceback) or 130 (interrupted); see README "Errors". With several images an
@@ -417,12 +421,15 @@ def main(
     try:
         check_flags(max_tokens_to_generate, temperature, top_p, top_k, do_sample, only_cpu)
         check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug)
-        check_bool_flags(stream=stream, json=json, verbose=verbose)
+        check_bool_flags(stream=stream, json=json, verbose=verbose, compile=compile)
         check_batch_size(batch_size)
         paths, many = expand_image_paths(image_file_path)
         drawings = output_image_paths(output_image, paths, many)
         dev = resolve_device("cpu" if only_cpu else device)
         dt = resolve_dtype(dtype, dev)
+        if compile and dev.type != "cuda":
+            log(f"note: --compile pays only on CUDA (CUDA graphs); running eager on {dev.type}")
+            compile = False
         if dev.type == "cpu" and dt == torch.float16:
             log("note: float16 on CPU works but is slow (no fast float16 CPU kernels); float32 or bfloat16 is faster")
         if not many:
@@ -435,7 +442,7 @@ def main(
         stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if verbose else None
         stage = "generating"
         processor = make_processor(model, tokenizer)
-        settings = (max_tokens_to_generate, do_sample, temperature, top_p, top_k, seed)
+        settings = (max_tokens_to_generate, do_sample, temperature, top_p, top_k, seed, compile)
         if many:
             failed = _answer_many(model, processor, str(prompt), paths, batch_size, settings, drawings, stats)
         else:
@@ -503,10 +510,11 @@ def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings
 
 def _generate(model, processor, prompts, images, settings, stats, on_text=None) -> list[str]:
     """generate() with the CLI's settings, timed for --verbose when stats is given."""
+    *sampling, compile = settings
     if stats is None:
-        return generate(model, processor, prompts, images, *settings, None, on_text)
+        return generate(model, processor, prompts, images, *sampling, None, on_text, compile)
     stats.begin(len(prompts))
-    texts = generate(model, processor, prompts, images, *settings, stats.on_token, on_text)
+    texts = generate(model, processor, prompts, images, *sampling, stats.on_token, on_text, compile)
     stats.end()
     return texts
 

@@ -34,3 +34,18 @@ def test_bad_flag_is_one_error_line(checkpoint, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == ["error: --top_p must be in (0, 1], got 0"]
+
+
+def test_compile_on_cpu_runs_eager_with_a_note(checkpoint, tmp_path):
+    """--compile pays only with CUDA graphs; on the CPU the flag is accepted, said to be ignored, and the answer is
+    the eager one."""
+    path = checkpoint("pg1-legacy-mqa-224")
+    image = tmp_path / "img.jpg"
+    random_image(7, (50, 50)).save(image)
+    base = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(path), "--image_file_path", str(image),
+            "--max_tokens_to_generate", "8", "--stream", "False"]
+    eager = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    compiled = subprocess.run(base + ["--compile", "True"], capture_output=True, text=True, timeout=120)
+    assert compiled.returncode == 0, compiled.stderr
+    assert "note: --compile pays only on CUDA (CUDA graphs); running eager on cpu" in compiled.stderr
+    assert compiled.stdout == eager.stdout

@@ -334,6 +334,7 @@ def _new_flag_cases(jpg, tmp):
         "stream-maybe": (["--stream", "maybe"], "--stream must be True or False, got 'maybe'"),
         "json-yes": (["--json", "yes"], "--json must be True or False, got 'yes'"),
         "verbose-2": (["--verbose", "2"], "--verbose must be True or False, got 2"),
+        "compile-maybe": (["--compile", "maybe"], "--compile must be True or False, got 'maybe'"),
         "output-unknown-ext": (["--output_image", tmp / "out.xyz"], "Pillow cannot write .xyz; use .png or .jpg"),
         "output-no-ext": (["--output_image", tmp / "out"], "Pillow cannot write files without an extension"),
         "output-missing-dir": (["--output_image", tmp / "nope" / "o.png"], f"directory {tmp / 'nope'} does not exist"),
