@@ -402,7 +402,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         x = embed_tokens(input_ids.masked_fill(is_image, 0)).to(compute_dtype or self.dtype)
         # Gemma scales text embeddings by sqrt(hidden), with the multiplier rounded to the activation dtype
         # first (45.25 in bf16 for 2048), exactly as the reference does.
-        x = x * torch.tensor(math.sqrt(self.config.text_config.hidden_size), dtype=x.dtype)
+        x = x * torch.tensor(math.sqrt(self.config.text_config.hidden_size), dtype=x.dtype, device=x.device)
         if pixel_values is not None:
             feats = self.get_image_features(pixel_values, x.dtype).to(x.dtype)  # (B_img, N, D)
             n_slots = int(is_image.sum())

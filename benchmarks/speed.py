@@ -341,6 +341,19 @@ def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | N
     return r
 
 
+def _median_run(rs: list[dict]) -> dict:
+    """One row from repeated runs: median times and speeds, the highest memory peak, the first run's tokens."""
+    import statistics
+
+    out = dict(rs[0], runs=len(rs))
+    for key in ("load_s", "ttft_s", "decode_tok_s"):
+        out[key] = statistics.median(r[key] for r in rs)
+    for key in ("peak_rss", "peak_cuda"):
+        if key in out:
+            out[key] = max(r[key] for r in rs)
+    return out
+
+
 def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
     """One row per run. ceilings: dtype -> bytes/s that bound decode (gemv on CPU, copy on CUDA)."""
     theirs = {r["dtype"]: r for r in results if r["impl"] == "transformers"}
@@ -392,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impls", default=None, help="comma-separated; default ours,transformers "
                     "(+transformers-static on CUDA)")
     ap.add_argument("--ablate", action="store_true", help="add the ablation rows for ours")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds over every row; the table shows medians "
+                    "(times, speeds) and maxima (memory)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up generations before timing "
                     "(default 0 on CPU, 1 on CUDA)")
     ap.add_argument("--batch-sizes", default="1,8,32,64", help="CUDA batch-captioning sizes")
@@ -427,18 +442,23 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{args.ckpt}; device {args.device}; torch {torch.__version__}; {args.threads} threads; "
           f"{args.new_tokens} new tokens, greedy, EOS ignored; prompt: 1 image + {PROMPT!r}", file=sys.stderr)
-    results = []
+    plan = []  # (impl, dtype, variant, extra flags), in table order
     for dtype in dtypes:
-        for impl in impls:
-            results.append(measure(args, impl, dtype))
+        plan += [(impl, dtype, "", []) for impl in impls]
         if args.ablate:
             for variant, extra in ABLATIONS.items():
                 if "prefill" in variant and dtype == "float32":
                     continue  # float32 weights always prefill in float32
                 if "linear" in variant and (dtype != "float32" or not cpu):
                     continue  # the oneDNN routing is for CPU float32 only
-                results.append(measure(args, "ours", dtype, variant, extra))
-    results = [r for r in results if r]
+                plan.append(("ours", dtype, variant, extra))
+    runs: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
+    for _ in range(args.repeat):  # whole rounds, so slow drifts of a shared machine hit every row alike
+        for i, (impl, dtype, variant, extra) in enumerate(plan):
+            r = measure(args, impl, dtype, variant, extra)
+            if r:
+                runs[i].append(r)
+    results = [_median_run(rs) for rs in runs.values() if rs]
     if not results:
         sys.exit("every run failed; see above")
     import torch
@@ -454,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         from_child = results[0].get("copy_bw")
         ceilings = dict.fromkeys(dtypes, from_child)
     print(f"\n{args.device}, {args.threads} threads, prompt {results[0]['prompt_len']} tokens (256 image + text), "
-          f"{args.new_tokens} new tokens, greedy, batch 1\n")
+          f"{args.new_tokens} new tokens, greedy, batch 1; median of {args.repeat} run(s) per row\n")
     print(format_table(results, ceilings))
     print("\nFusing projections (ms per decoder layer, PaliGemma-3B shapes; fused = one matmul over the stacked "
           "weights):\n")
