@@ -15,10 +15,15 @@ against transformers' fastest CPU setting):
 - decode tok/s: (new tokens - 1) / time from the first to the last token;
 - same tokens: whether the run's greedy ids equal transformers' of the same dtype.
 
+- % of decode ceiling: bytes of decoder + LM-head weights per token x tokens/s, over the DRAM read bandwidth
+  (CPU: a streaming sum over 2 GB) or a device-to-device copy (CUDA), measured in the same invocation.
+
 Ablation rows (`--ablate`) rerun ours with one optimisation switched off, so the table shows what each bought:
-`unfused` (separate q/k/v and gate/up matmuls), `1 thread`, `fp32 prefill` / `bf16 prefill` (the arithmetic
-dtype of the prefill when the weights are bf16), `lazy weights` (zero-copy mmap'd float32 weights, paged in
-during the first forward instead of during the load).
+`ATen/MKL float32 linear` (ATen's default matmul kernels instead of oneDNN), `1 thread`, `logits at every
+prompt position` (the 257k-row LM head over all 260 prompt positions instead of the last), `fp32 prefill` /
+`bf16 prefill` (the arithmetic dtype of the prefill of bf16 weights; the default picks per CPU). A second
+table times q/k/v and gate/up as separate matmuls vs one fused matmul (what fusing the projections would buy).
+`--repeat N` runs N whole rounds and reports medians.
 
 On CUDA it adds, per run, the share of the bandwidth ceiling reached in decode (bytes of decoder + lm_head
 weights read per token x tokens/s, over a device-to-device copy measured in the same process) and batch
@@ -232,7 +237,8 @@ def run_child(args) -> dict:
         res["peak_cuda"] = torch.cuda.max_memory_allocated(device)
         res["copy_bw"] = _copy_bandwidth(device)
         res["images_s"] = {}
-        for b in args.batch_sizes:
+        sizes = args.batch_sizes if args.impl.startswith("ours") else args.batch_sizes[-1:]
+        for b in sizes:
             batch = _inputs(args.ckpt, b)
             gen(batch, 32)  # warm this shape
             clock = _Clock(device)
@@ -261,9 +267,18 @@ def _time(fn, reps: int, sync, rounds: int = 3) -> float:
     return best
 
 
+def read_bandwidth() -> float:
+    """Bytes per second a streaming reduction reads from DRAM (a sum over 2 GB): the CPU decode ceiling, since a
+    decoded token must read every decoder and LM-head weight once."""
+    import torch
+
+    a = torch.ones(500_000_000)  # 2 GB of float32, far beyond the caches
+    return a.numel() * a.element_size() / _time(lambda: a.sum(), 2, lambda: None)
+
+
 def gemv_bandwidth(device: str, dtype_name: str) -> float:
     """Bytes of weights per second a (1, 2048) x (2048, 131072) matrix-vector product reads, the better of ATen's
-    F.linear and oneDNN's: the decode ceiling on a CPU (1 GB of float32 weights, far beyond the caches)."""
+    F.linear and our `linear` (oneDNN for float32 on CPU): for comparison with the read ceiling."""
     import torch
     import torch.nn.functional as F
 
@@ -367,6 +382,7 @@ def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
     else:
         head[5:5] = ["peak CUDA GB"]
         head += ["decode vs HF static"] + [f"img/s B={b}" for b in results[0].get("images_s", {})]
+        sizes = list(results[0].get("images_s", {}))
     static = next((r for r in results if r["impl"] == "transformers-static"), None)
     head.append("same tokens as HF")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -386,7 +402,7 @@ def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
         else:
             cells[5:5] = [f"{r['peak_cuda'] / GB:.2f}"]
             cells.append(f"{r['decode_tok_s'] / static['decode_tok_s']:.2f}" if ours and static else "")
-            cells += [f"{v:.1f}" for v in r["images_s"].values()]
+            cells += [f"{r['images_s'][b]:.1f}" if b in r["images_s"] else "" for b in sizes]
         cells.append(("yes" if r["ids"] == ref["ids"] else "no") if ref else "")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -464,11 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    ceilings, micro = {}, []
+    ceilings, micro, yardsticks = {}, [], []
+    if cpu:
+        read = read_bandwidth()
+        yardsticks.append(f"DRAM read (sum over 2 GB) {read / GB:.1f} GB/s")
     for dtype in dtypes:
         if cpu:
-            ceilings[dtype] = gemv_bandwidth(args.device, dtype)
-            print(f"{dtype} matrix-vector product: {ceilings[dtype] / GB:.1f} GB/s of weights", file=sys.stderr)
+            ceilings[dtype] = read
+            yardsticks.append(f"{dtype} matrix-vector product {gemv_bandwidth(args.device, dtype) / GB:.1f} GB/s")
         micro += projection_micro(args.device, dtype)
     if not cpu:
         from_child = results[0].get("copy_bw")
@@ -476,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.device}, {args.threads} threads, prompt {results[0]['prompt_len']} tokens (256 image + text), "
           f"{args.new_tokens} new tokens, greedy, batch 1; median of {args.repeat} run(s) per row\n")
     print(format_table(results, ceilings))
+    if yardsticks:
+        print(f"\nCeiling: {'; '.join(yardsticks)} (bytes of weights). % of decode ceiling = decoder + LM-head "
+              "bytes per token x tokens/s / DRAM read bandwidth.")
     print("\nFusing projections (ms per decoder layer, PaliGemma-3B shapes; fused = one matmul over the stacked "
           "weights):\n")
     print("| projections | dtype | phase | separate ms | fused ms | saved |\n|---|---|---|---|---|---|")
