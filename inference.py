@@ -42,6 +42,7 @@ from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this 
     prepare_argv,
 )
 from modeling_gemma import KVCache, PaliGemmaForConditionalGeneration
+from modeling_siglip import cpu_has_bf16_arithmetic
 from processing_paligemma import Detection, PaliGemmaProcessor, draw_detections, parse_detections, to_rgb
 from utils import load_hf_model, resolve_device, resolve_dtype
 
@@ -76,20 +77,6 @@ def sample_next_token(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def cpu_has_bf16_arithmetic() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX on x86, BF16 on Arm), read from Linux's
-    /proc/cpuinfo; False elsewhere. Without it, oneDNN emulates bf16 matmuls several times slower than fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-    except OSError:
-        pass
-    return False
 
 
 def auto_prefill_dtype(model: PaliGemmaForConditionalGeneration) -> torch.dtype:
@@ -437,7 +424,7 @@ def main(
             image = load_image(paths[0])  # before the model: a bad image should not cost a long load
         stage = "loading the model"
         started = time.perf_counter()
-        model, tokenizer = load_hf_model(str(model_path), dev, dt)
+        model, tokenizer = load_hf_model(str(model_path), dev, dt, pack=None)  # packs where it pays
         log(f"loaded {model_path} on {model.device} as {model.dtype}")
         stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if verbose else None
         stage = "generating"

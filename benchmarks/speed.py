@@ -21,7 +21,8 @@ against transformers' fastest CPU setting):
 Ablation rows (`--ablate`) rerun ours with one optimisation switched off, so the table shows what each bought:
 `ATen/MKL float32 linear` (ATen's default matmul kernels instead of oneDNN), `1 thread`, `logits at every
 prompt position` (the 257k-row LM head over all 260 prompt positions instead of the last), `fp32 prefill` /
-`bf16 prefill` (the arithmetic dtype of the prefill of bf16 weights; the default picks per CPU). A second
+`bf16 prefill` (the arithmetic dtype of the prefill of bf16 weights; the default picks per CPU), `bf16 weights
+not packed` (bf16 Linear weights left in the checkpoint's layout instead of oneDNN's blocked one). A second
 table times q/k/v and gate/up as separate matmuls vs one fused matmul (what fusing the projections would buy).
 `--repeat N` runs N whole rounds and reports medians.
 
@@ -114,7 +115,8 @@ def _ours(args, device, dtype):
         import modeling_siglip
 
         modeling_siglip.ONEDNN_LINEAR = False
-    model, _tok = utils.load_hf_model(args.ckpt, device, dtype)
+    # pack=None: as the CLI does (bf16 weights packed for oneDNN on CPUs with bf16 arithmetic)
+    model, _tok = utils.load_hf_model(args.ckpt, device, dtype, pack=False if args.unpacked else None)
     prefill_dtype = getattr(torch, args.prefill_dtype) if args.prefill_dtype else None
     if args.all_logits:  # ablation: what a port without num_logits_to_keep does, the LM head at every position
         def prefill_all(model, input_ids, pixel_values, attention_mask, kv_cache, position_ids, compute_dtype=None):
@@ -170,11 +172,16 @@ def _theirs(args, device, dtype):
     return model, gen
 
 
+def _key(t) -> object:
+    """Identity of a tensor's memory; packed oneDNN weights have no data_ptr but are never shared."""
+    return id(t) if t.is_mkldnn else t.data_ptr()
+
+
 def _weight_bytes(model) -> int:
     seen, total = set(), 0
     for t in model.state_dict().values():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if _key(t) not in seen:
+            seen.add(_key(t))
             total += t.numel() * t.element_size()
     return total
 
@@ -183,8 +190,8 @@ def _decode_bytes(model) -> int:
     """Bytes read per decoded token: every decoder weight plus the (tied) 257k-row embedding as the LM head."""
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if "vision" not in name and "multi_modal" not in name and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())  # transformers' lm_head.weight is the embedding itself: count it once
+        if "vision" not in name and "multi_modal" not in name and _key(t) not in seen:
+            seen.add(_key(t))  # transformers' lm_head.weight is the embedding itself: count it once
             total += t.numel() * t.element_size()
     return total
 
@@ -329,6 +336,7 @@ def projection_micro(device: str, dtype_name: str, layers: int = 6) -> list[list
 ABLATIONS = {
     "ATen/MKL float32 linear": ["--aten-linear"],
     "1 thread": ["--threads", "1"],
+    "bf16 weights not packed": ["--unpacked"],
     "logits at every prompt position": ["--all-logits"],
     "fp32 prefill": ["--prefill-dtype", "float32"],
     "bf16 prefill": ["--prefill-dtype", "bfloat16"],
@@ -437,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
     ap.add_argument("--all-logits", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--aten-linear", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--unpacked", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prefill-dtype", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.batch_sizes is None:
@@ -472,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue  # float32 weights always prefill in float32
                 if "linear" in variant and (dtype != "float32" or not cpu):
                     continue  # the oneDNN routing is for CPU float32 only
+                if "packed" in variant and (dtype != "bfloat16" or not cpu):
+                    continue  # packing is for CPU bf16 only
                 plan.append(("ours", dtype, variant, extra))
     runs: dict[int, list[dict]] = {i: [] for i in range(len(plan))}
     for _ in range(args.repeat):  # whole rounds, so slow drifts of a shared machine hit every row alike

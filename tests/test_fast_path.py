@@ -8,6 +8,8 @@ from conftest import random_image
 from reference import hf_model, rel_err
 
 import inference
+import modeling_siglip
+import utils
 from inference import auto_prefill_dtype, generate_ids, make_processor, prefill
 from utils import load_hf_model
 
@@ -100,3 +102,28 @@ def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
     assert sparse.shape[1] >= dense.shape[1]
     assert torch.equal(sparse[:, : dense.shape[1]], dense)
     assert (sparse[:, dense.shape[1]:] == 0).all()  # only padding after the last EOS
+
+
+@pytest.mark.skipif(not modeling_siglip.ONEDNN_LINEAR, reason="oneDNN weight packing needs an x86 CPU build")
+def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
+    """pack_linear_weights only changes the memory layout: logits and greedy ids are bit-identical, and the
+    float32 prefill (which unpacks) still works. load_hf_model packs by default only where it pays."""
+    path = checkpoint("pg2-legacy-gqa-224")
+    dense, tok = load_hf_model(path, "cpu", torch.bfloat16, pack=False)
+    packed, _ = load_hf_model(path, "cpu", torch.bfloat16, pack=True)
+    assert not any(p.is_mkldnn for p in dense.parameters())
+    n_linear = sum(isinstance(m, modeling_siglip.Linear) for m in packed.modules())
+    assert sum(p.is_mkldnn for p in packed.parameters()) == n_linear
+    inputs = _batch(make_processor(dense, tok))
+    args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
+    with torch.no_grad():
+        assert torch.equal(dense(*args)["logits"], packed(*args)["logits"])
+    assert torch.equal(generate_ids(dense, *args, 16), generate_ids(packed, *args, 16))
+    assert generate_ids(packed, *args, 4, prefill_dtype=torch.float32).shape == (2, 4)
+    # pack=None (what the CLI passes): only bf16 on a CPU with bf16 arithmetic; the Python default stays dense.
+    assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16)[0].parameters())
+    monkeypatch.setattr(utils, "cpu_has_bf16_arithmetic", lambda: False)
+    assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16, pack=None)[0].parameters())
+    monkeypatch.setattr(utils, "cpu_has_bf16_arithmetic", lambda: True)
+    assert any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16, pack=None)[0].parameters())
+    assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.float32, pack=None)[0].parameters())
