@@ -404,7 +404,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         # first (45.25 in bf16 for 2048), exactly as the reference does.
         x = x * torch.tensor(math.sqrt(self.config.text_config.hidden_size), dtype=x.dtype, device=x.device)
         if pixel_values is not None:
-            feats = self.get_image_features(pixel_values, x.dtype).to(x.dtype)  # (B_img, N, D)
+            feats = self.get_image_features(pixel_values, x.dtype)  # (B_img, N, D), computed in x's dtype
             n_slots = int(is_image.sum())
             if n_slots != feats.shape[0] * feats.shape[1]:
                 raise ValueError(

@@ -11,6 +11,7 @@ big_vision `models/vit.py` (the original), and the PaliGemma paper (arXiv:2407.0
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import threading
 from dataclasses import dataclass
@@ -89,17 +90,18 @@ ONEDNN_LINEAR = (
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, routed through oneDNN for float32 CPU inference (see ONEDNN_LINEAR) and for packed weights."""
-    if weight.is_mkldnn:  # packed by pack_linear_weights: oneDNN's own layout, only oneDNN can read it
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    if (ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+    # Packed weights (pack_linear_weights) are in oneDNN's own layout: only oneDNN can read them. Otherwise the
+    # op has no autograd formula, so gradients (fine-tuning) take F.linear; under torch.compile inductor picks
+    # its own matmul kernels (its lowering of this op expects prepacked weights).
+    if weight.is_mkldnn or (
+            ONEDNN_LINEAR and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
             and not (x.requires_grad or weight.requires_grad) and weight.is_contiguous()
             and not torch.compiler.is_compiling()):
-        # The op has no autograd formula, so gradients (fine-tuning) take F.linear; under torch.compile
-        # inductor picks its own matmul kernels (its lowering of this op expects prepacked weights).
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
+@functools.cache  # read once per process: generate_ids asks on every call
 def cpu_has_bf16_arithmetic() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 / AMX on x86, BF16 on Arm), read from Linux's
     /proc/cpuinfo; False elsewhere. Without it, oneDNN emulates bf16 matmuls several times slower than fp32."""
@@ -134,10 +136,17 @@ def pack_linear_weights(model: nn.Module) -> int:
 def _release_freed_memory() -> None:
     """Hand the heap pages freed by the dense weights back to the OS (glibc keeps them otherwise: +0.5 GB RSS
     for PaliGemma-3B, measured). A no-op where malloc_trim does not exist."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 class Linear(nn.Linear):

@@ -202,14 +202,7 @@ def _copy_bandwidth(device) -> float:
 
     a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 10 / (time.perf_counter() - t0)
+    return 2 * a.numel() / _time(lambda: b.copy_(a), 10, torch.cuda.synchronize)
 
 
 def run_child(args) -> dict:
