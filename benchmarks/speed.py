@@ -237,8 +237,12 @@ def run_child(args) -> dict:
         res["peak_cuda"] = torch.cuda.max_memory_allocated(device)
         res["copy_bw"] = _copy_bandwidth(device)
     res["images_s"] = {}
+    # Partial results as they come (the parent keeps the last line), so a child killed at its time budget still
+    # reports what it measured.
+    print(RESULT_PREFIX + json.dumps(res), flush=True)
     if args.batch_sizes:
-        sizes = args.batch_sizes if args.impl.startswith("ours") else args.batch_sizes[-1:]
+        # transformers' static cache compiles once per shape: the first size listed only (the largest by default)
+        sizes = args.batch_sizes[:1] if args.impl == "transformers-static" else args.batch_sizes
         for b in sizes:
             batch = _inputs(args.ckpt, b)
             gen(batch, 32)  # warm this shape
@@ -247,6 +251,7 @@ def run_child(args) -> dict:
             gen(batch, 32)
             res["images_s"][b] = b / (clock.stop() - clock.t0)
             print(f"  batch {b}: {res['images_s'][b]:.1f} images/s", file=sys.stderr, flush=True)
+            print(RESULT_PREFIX + json.dumps(res), flush=True)
     return res
 
 
@@ -384,7 +389,7 @@ def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
     else:
         head[5:5] = ["peak CUDA GB"]
         head += ["decode vs HF static"]
-    sizes = list(results[0].get("images_s", {}))
+    sizes = sorted({b for r in results for b in r.get("images_s", {})}, key=int)
     head += [f"img/s B={b}" for b in sizes]
     static = next((r for r in results if r["impl"] == "transformers-static"), None)
     head.append("same tokens as HF")
@@ -429,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=None, help="warm-up generations before timing "
                     "(default 0 on CPU, 1 on CUDA)")
     ap.add_argument("--batch-sizes", default=None, help="batch-captioning throughput at these batch sizes x 32 new "
-                    "tokens (default 1,8,32,64 on CUDA, none on CPU); transformers rows run the largest only")
+                    "tokens, in this order (default 64,32,8,1 on CUDA, none on CPU); transformers-static runs the "
+                    "first only (it compiles per shape)")
     ap.add_argument("--child-timeout", type=float, default=1800)
     # child-only flags
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -442,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-dtype", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.batch_sizes is None:
-        args.batch_sizes = "" if args.device == "cpu" else "1,8,32,64"
+        args.batch_sizes = "" if args.device == "cpu" else "64,32,8,1"
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
     if args.warmup is None:
         args.warmup = 0 if args.device == "cpu" else 1
