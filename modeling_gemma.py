@@ -216,12 +216,15 @@ def grouped_attention(
     # a group into the row axis lets one KV head serve them all without materialising copies of K/V.
     q = q.reshape(B, n_kv, rep * T, hd)  # (B, H_kv, rep*T, hd)
     mask = mask[:, :, None].expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)  # (B, 1, rep*T, S)
-    if softcap is None:
+    if softcap is None and T > 1:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
-        # SDPA cannot soft-cap, so Gemma 2 takes the explicit path: cap the scores before masking.
+        # Explicit attention for Gemma 2 (SDPA cannot soft-cap: cap the scores before masking) and for decoding
+        # (T = 1): a fused SDPA kernel spends its fixed cost on a problem of one query row per head, where these
+        # three small kernels (fused further under torch.compile) cost a fraction of it.
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H_kv, rep*T, S)
-        scores = torch.tanh(scores / softcap) * softcap
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # softmax in float32
         y = torch.matmul(probs, v)
