@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import ops
 from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -42,7 +43,6 @@ from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this 
     prepare_argv,
 )
 from modeling_gemma import KVCache, PaliGemmaForConditionalGeneration
-from modeling_siglip import cpu_has_bf16_arithmetic
 from processing_paligemma import Detection, PaliGemmaProcessor, draw_detections, parse_detections, to_rgb
 from utils import load_hf_model, resolve_device, resolve_dtype
 
@@ -84,7 +84,7 @@ def auto_prefill_dtype(model: PaliGemmaForConditionalGeneration) -> torch.dtype:
     native bf16 arithmetic, which prefill in float32 (the prefill is compute-bound; decode is memory-bound and
     stays in the weights' dtype, so it keeps reading half the bytes)."""
     if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
-        if model.dtype == torch.float16 or not cpu_has_bf16_arithmetic():
+        if model.dtype == torch.float16 or not ops.cpu_has_bf16_arithmetic():
             return torch.float32
     return model.dtype
 

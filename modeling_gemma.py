@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_siglip import Linear, SiglipVisionConfig, SiglipVisionModel, gelu_tanh, linear
+from modeling_siglip import SiglipVisionConfig, SiglipVisionModel
+from ops import Linear, gelu_tanh, linear
 
 
 @dataclass

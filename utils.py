@@ -25,8 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+import ops
 from modeling_gemma import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from modeling_siglip import ONEDNN_LINEAR, SiglipVisionConfig, cpu_has_bf16_arithmetic, pack_linear_weights
+from modeling_siglip import SiglipVisionConfig
 
 # Converting a float32 checkpoint to bf16 (or copying to a GPU) reads through one staging buffer of this many
 # bytes, so the 2.1 GB float32 embedding never exists in host memory beside its converted copy.
@@ -421,9 +422,9 @@ def load_hf_model(
     model_path: a directory in the hub layout, or a hub id such as "google/paligemma-3b-mix-224" (see
     resolve_model_path; a local directory of that name wins). device: "cpu", "cuda", "mps", or None for the best
     available. dtype: default float32 on CPU, bfloat16 on CUDA/MPS. progress: a loading bar on stderr. pack:
-    repack bf16 CPU weights for oneDNN (modeling_siglip.pack_linear_weights: ~1.5x faster decode, inference
-    only, the weights become opaque; the CLI passes None); None = when loading bf16 onto a CPU with bf16
-    arithmetic. Default False: notebooks get ordinary dense weights.
+    repack bf16 CPU weights for oneDNN (ops.pack_linear_weights: faster decode, same results, inference
+    only, the weights become opaque; the CLI passes None); None = where it pays (ops.packing_pays: bf16 onto a
+    CPU with bf16 arithmetic, oneDNN switched on). Default False: notebooks get ordinary dense weights.
     Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.
     """
     root = resolve_model_path(model_path)
@@ -447,7 +448,7 @@ def load_hf_model(
         load_weights(model, root, dev, dt, bar.update)
     model.eval().requires_grad_(False)
     if pack is None:
-        pack = ONEDNN_LINEAR and dev.type == "cpu" and dt == torch.bfloat16 and cpu_has_bf16_arithmetic()
+        pack = ops.packing_pays(dev, dt)
     if pack:
-        pack_linear_weights(model)
+        ops.pack_linear_weights(model)
     return model, tokenizer
