@@ -121,9 +121,21 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+@functools.cache
+def can_pack_bf16() -> bool:
+    """Whether oneDNN can hold bf16 weights in its blocked layout on this CPU (on x86 it needs AVX-512 or
+    AVX-NE-CONVERT; an AVX2-only CPU cannot), found by packing a tiny weight once."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), 1)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """load_hf_model(pack=None): pack where it pays, i.e. bf16 weights on a CPU with bf16 arithmetic, oneDNN on."""
-    return onednn_enabled() and device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16_arithmetic()
+    return (onednn_enabled() and device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16_arithmetic()
+            and can_pack_bf16())
 
 
 def pack_linear_weights(model: nn.Module) -> int:
@@ -131,7 +143,11 @@ def pack_linear_weights(model: nn.Module) -> int:
     returns how many. Same results bit for bit; decode's matrix-vector products read the weights faster
     (benchmarks/README.md), and prefill GEMMs are no slower. The weights become opaque oneDNN tensors: fine for
     inference on this CPU, but not for saving, .to(device), data_ptr() or torch.compile — reload the checkpoint
-    (load_hf_model(..., pack=False)) for a dense model. One weight is copied at a time."""
+    (load_hf_model(..., pack=False)) for a dense model. One weight is copied at a time. Raises RuntimeError
+    where the CPU cannot (can_pack_bf16)."""
+    if not can_pack_bf16():
+        raise RuntimeError("this CPU cannot hold packed bf16 weights (oneDNN needs AVX-512 or AVX-NE-CONVERT); "
+                           "load with pack=False")
     count = 0
     for module in model.modules():
         w = module.weight if isinstance(module, Linear) else None

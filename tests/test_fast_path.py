@@ -103,7 +103,8 @@ def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
     assert (sparse[:, dense.shape[1]:] == 0).all()  # only padding after the last EOS
 
 
-@pytest.mark.skipif(not ops.ONEDNN_LINEAR, reason="oneDNN weight packing needs an x86 CPU build")
+@pytest.mark.skipif(not ops.ONEDNN_LINEAR or not ops.can_pack_bf16(),
+                    reason="oneDNN bf16 weight packing needs an x86 CPU with AVX-512 or AVX-NE-CONVERT")
 def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
     """pack_linear_weights only changes the memory layout: logits and greedy ids are bit-identical, and the
     float32 prefill (which unpacks) still works. load_hf_model packs by default only where it pays."""
@@ -132,6 +133,7 @@ def test_onednn_off_switch_also_stops_packing(checkpoint, monkeypatch):
     """ops.ONEDNN_LINEAR = False means ATen's kernels everywhere: it is read at call time, so load_hf_model(pack=None)
     stops packing too (a copy taken at import once kept packing on)."""
     monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: True)
+    monkeypatch.setattr(ops, "can_pack_bf16", lambda: True)
     cpu = torch.device("cpu")
     monkeypatch.setattr(ops, "ONEDNN_LINEAR", True)
     assert ops.packing_pays(cpu, torch.bfloat16)
