@@ -26,7 +26,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 import ops
-from modeling_gemma import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from configuration_paligemma import GEMMA2_DEFAULTS, GemmaConfig, PaliGemmaConfig
+from modeling_gemma import PaliGemmaForConditionalGeneration
 from modeling_siglip import SiglipVisionConfig
 
 # Converting a float32 checkpoint to bf16 (or copying to a GPU) reads through one staging buffer of this many
@@ -42,11 +43,6 @@ class CheckpointError(ValueError):
 # config.json -> PaliGemmaConfig
 # ---------------------------------------------------------------------------------------------------------------
 
-# Gemma 2 defaults, for fields PaliGemma 2 hub configs leave out (e.g. the 3B omits heads and head_dim).
-_GEMMA2_DEFAULTS = dict(
-    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
-)
 # Fields every released config lists; guessing them would only turn a broken config into shape errors.
 _REQUIRED_TEXT = ("hidden_size", "intermediate_size", "num_hidden_layers")
 _REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers")
@@ -84,7 +80,7 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
         raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")
     # hidden_activation / hidden_act are ignored on purpose: every PaliGemma uses tanh-approximate GELU, and
     # old Gemma configs say "gelu" while meaning exactly that.
-    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, _GEMMA2_DEFAULTS if text_type == "gemma2" else None))
+    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, GEMMA2_DEFAULTS if text_type == "gemma2" else None))
     vis_cfg = SiglipVisionConfig(**_pick(vision, SiglipVisionConfig))
     eos = cfg.get("eos_token_id", 1)
     top = {
