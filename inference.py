@@ -13,6 +13,7 @@ Checked against transformers' `GenerationMixin` greedy/sampling semantics (parit
 
 from __future__ import annotations
 
+import functools
 import json as _json  # main() has a --json flag
 import os
 import re
@@ -118,31 +119,18 @@ def decode_one_token(
     return model(token, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids)["logits"][:, -1]
 
 
-def compiled_decode_step(model: PaliGemmaForConditionalGeneration):
-    """decode_one_token compiled for this model (cached on it): mode "reduce-overhead" on CUDA, i.e. one CUDA graph
-    replayed per token; the default inductor mode elsewhere. The first calls of each new shape compile."""
-    fn = getattr(model, "_compiled_decode", None)
-    if fn is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-        model._compiled_decode = fn
-    return fn
+@functools.cache
+def _compiled_decode_step(device_type: str) -> Callable[..., torch.Tensor]:
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_one_token, mode=mode, fullgraph=True)
 
 
-def _decode_cache(model: PaliGemmaForConditionalGeneration, batch_size: int, length: int) -> KVCache:
-    """For the compiled step: one cache per (batch, length rounded up to 256) kept on the model and reused, with
-    static addresses, so CUDA graphs recorded for it stay valid across calls and few lengths need their own graph.
-    Zeroed in place before each use (stale values sit at masked positions, but a NaN there would still leak)."""
-    size = -(-length // 256) * 256
-    caches = model.__dict__.setdefault("_decode_caches", {})
-    cache = caches.get((batch_size, size))
-    if cache is None or cache.k_cache.dtype != model.dtype or cache.k_cache.device != model.device:
-        cache = caches[(batch_size, size)] = model.new_kv_cache(batch_size, size)
-        for buf in cache.buffers():
-            torch._dynamo.mark_static_address(buf)  # updated in place by the graph, never reallocated
-    for buf in cache.buffers():
-        buf.zero_()
-    return cache
+def compiled_decode_step(model: PaliGemmaForConditionalGeneration) -> Callable[..., torch.Tensor]:
+    """decode_one_token compiled for the model's device type: mode "reduce-overhead" on CUDA, i.e. one CUDA graph
+    replayed per token; the default inductor mode elsewhere. The first calls of each new shape compile. One
+    compiled function per device type (torch.compile keeps its graphs per code object and guards, so a second
+    model gets graphs of its own either way)."""
+    return _compiled_decode_step(model.device.type)
 
 
 # On an accelerator, reading `finished.all()` waits for the GPU; checking EOS every few steps keeps the host
@@ -198,7 +186,8 @@ def generate_ids(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
-    cache = _decode_cache(model, B, T + max_new_tokens) if compile else model.new_kv_cache(B, T + max_new_tokens)
+    # The compiled step needs a cache with a fixed address, which the model keeps for reuse.
+    cache = model.new_kv_cache(B, T + max_new_tokens, reuse=compile)
     # RoPE positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
