@@ -108,13 +108,12 @@ def _ours(args, device, dtype):
     import torch
 
     sys.path.insert(0, str(REPO))
-    import inference
+    import generation
+    import ops
     import utils
-    from inference import generate_ids
+    from generation import generate_ids
 
     if args.aten_linear:  # ablation: ATen's default float32 matmuls (MKL) instead of oneDNN, and no packing
-        import ops
-
         ops.ONEDNN_LINEAR = False
     # pack=None: as the CLI does (bf16 weights packed for oneDNN on CPUs with bf16 arithmetic)
     model, _tok = utils.load_hf_model(args.ckpt, device, dtype, pack=False if args.unpacked else None)
@@ -126,7 +125,7 @@ def _ours(args, device, dtype):
                         position_ids=position_ids, compute_dtype=compute_dtype)
             return out["logits"][:, -1]
 
-        inference.prefill = prefill_all
+        generation.prefill = prefill_all  # generate_ids looks prefill up in generation at call time
 
     def gen(inputs, n, clock=None):
         return generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],

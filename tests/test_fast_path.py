@@ -7,7 +7,7 @@ import torch
 from conftest import random_image
 from reference import hf_model, rel_err
 
-import inference
+import generation
 import ops
 from inference import auto_prefill_dtype, generate_ids, make_processor, prefill
 from utils import load_hf_model
@@ -96,7 +96,7 @@ def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
     eos = every_step[0, 5].item()
     args = (model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 40)
     dense = generate_ids(*args, eos_token_ids=[eos], pad_token_id=0)
-    monkeypatch.setitem(inference._EOS_CHECK_EVERY, "cpu", 8)
+    monkeypatch.setitem(generation._EOS_CHECK_EVERY, "cpu", 8)
     sparse = generate_ids(*args, eos_token_ids=[eos], pad_token_id=0)
     assert sparse.shape[1] >= dense.shape[1]
     assert torch.equal(sparse[:, : dense.shape[1]], dense)
