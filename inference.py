@@ -53,7 +53,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     sample_next_token,
 )
 from processing_paligemma import Detection, draw_detections, parse_detections, to_rgb
-from utils import load_hf_model, resolve_device, resolve_dtype
+from utils import load_hf_model, resolve_device_dtype
 
 
 def main(
@@ -120,8 +120,7 @@ def main(
         check_batch_size(batch_size)
         paths, many = expand_image_paths(image_file_path)
         drawings = output_image_paths(output_image, paths, many)
-        dev = resolve_device("cpu" if only_cpu else device)
-        dt = resolve_dtype(dtype, dev)
+        dev, dt = resolve_device_dtype("cpu" if only_cpu else device, dtype)
         if compile and dev.type != "cuda":
             log(f"note: --compile pays only on CUDA (CUDA graphs); running eager on {dev.type}")
             compile = False

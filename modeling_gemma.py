@@ -88,8 +88,8 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
     """cos/sin tables (B, 1, T, head_dim) for per-row 0-based positions (B, T); angles computed in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     # RoPE is relative, so the first position's number is free in exact arithmetic (big_vision uses 0), but the
-    # float32 angle p * theta_i rounds differently per p: at a few hundred positions that alone moves logits by
-    # ~1e-5 relative. transformers numbers from 1; doing the same makes our float32 logits match it bit-for-bit.
+    # float32 angle p * theta_i rounds differently per p: at a few hundred positions that alone moves logits past
+    # the parity tolerance. transformers numbers from 1; doing the same makes our float32 logits match it exactly.
     freqs = (position_ids.float() + 1.0)[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
