@@ -1,23 +1,28 @@
-"""The command line's checks: flag names and values, image paths and files, output paths, and every failure as
-one "error:" line.
+"""The command line's machinery: the flag table's type (`Flag`) and everything derived from a table of them
+(argv parsing, the call into fire, the options dataclass and main()'s signature, value checks, --help), the
+image-path and output-path checks, and every failure as one "error:" line.
 
-Split out of inference.py (which keeps `main`, the generation code and `cli`) so each file reads in one go.
-The checks run before the model loads, so a mistake costs a second, not a model load (with several images,
-`load_image` also runs per image later, and a failure there becomes that image's error line); `describe`
-turns any exception into an exit code and one line (README "Errors").
+inference.py declares the flags (FLAGS) and runs them; this file knows no flag by name. The checks run before
+the model loads, so a mistake costs a second, not a model load (with several images, `load_image` also runs
+per image later, and a failure there becomes that image's error line); `describe` turns any exception into an
+exit code and one line (docs/errors.md). tests/test_errors.py, test_many.py and test_cli.py run every rule.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import glob
 import inspect
 import os
 import struct
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -77,6 +82,180 @@ def load_image(path: str) -> Image.Image:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the flag table and what is derived from it
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag, declared once: its parsing, checks, --help entry and main() parameter follow from it.
+
+    type: str (text, handed over verbatim: `--prompt 1e3` is "1e3"), list (one or more words, as the shell
+    expands `imgs/*.jpg`; text too), int, float or bool (`--name` alone means True). required: what to give,
+    for the "--name is required: ..." error (and the flag is marked required in --help). valid: (what the value
+    must be, a test) for the "--name must be ..., got ..." error; the type is checked with it.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    short: str | None = None
+    metavar: str | None = None
+    required: str | None = None
+    valid: tuple[str, Callable[[Any], bool]] | None = None
+    shown_default: str | None = None  # the default as --help words it, when repr(default) would say too little
+
+    @property
+    def annotation(self) -> str:
+        text = {list: "str | list[str]"}.get(self.type, self.type.__name__)
+        return f"{text} | None" if self.default is None else text
+
+
+def options_class(flags: Sequence[Flag], name: str = "Options") -> type:
+    """A frozen dataclass with one field per flag (name, annotation, default), in table order."""
+    fields = [(f.name, f.annotation, dataclasses.field(default=f.default)) for f in flags]
+    return dataclasses.make_dataclass(name, fields, frozen=True)
+
+
+def signature_of(flags: Sequence[Flag]) -> inspect.Signature:
+    """main()'s signature: every flag a parameter, positional or keyword, in table order, with its default."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([inspect.Parameter(f.name, kind, default=f.default, annotation=f.annotation)
+                              for f in flags])
+
+
+def args_doc(flags: Sequence[Flag]) -> str:
+    """The "Args:" section of main()'s docstring, one entry per flag."""
+    lines = ["", "    Args:"]
+    for f in flags:
+        lines += textwrap.wrap(f"{f.name}: {f.help}", 116, initial_indent=" " * 8, subsequent_indent=" " * 12)
+    return "\n".join(lines) + "\n"
+
+
+def check_options(options: Any, flags: Sequence[Flag]) -> None:
+    """Each value against its flag, in table order: required ones given, types and `valid` rules met.
+
+    Python values, as fire parsed them (a bad word stays a string, so it is reported as given)."""
+    for f in flags:
+        value = getattr(options, f.name)
+        if f.required is not None and (value is None or value == ""):
+            raise UsageError(f"--{f.name} is required: {f.required}")
+        if f.type is bool and not isinstance(value, bool):
+            raise UsageError(f"--{f.name} must be True or False, got {value!r}")
+        if f.type in (int, float) and not (value is None and f.default is None):
+            numeric = isinstance(value, int if f.type is int else (int, float)) and not isinstance(value, bool)
+            if not numeric or (f.valid is not None and not f.valid[1](value)):
+                raise UsageError(f"--{f.name} must be {f.valid[0] if f.valid else f.type.__name__}, got {value!r}")
+
+
+def parse_argv(argv: Sequence[str], flags: Sequence[Flag]) -> dict[str, str | list[str]] | None:
+    """argv -> {flag name: its word(s), or the words "True"/"False"}, by the table; None when help was asked for.
+
+    The rules: `--name value` and `--name=value` (`-` in a name reads as `_`), `-x value` / `-x=value` for a
+    flag's short form; a bool flag alone, or before another option, means True, `--noname` means False; a list
+    flag takes the words up to the next option; any other word (or all after `--`) fills the flags not given by
+    name, in table order; the last of a repeated flag wins; `--help` / `-h` asks for help. Raises UsageError for
+    an unknown flag (naming the closest one), a flag without its value, or a word no flag is left for.
+    """
+    by_name = {f.name: f for f in flags}
+    by_short = {f.short: f for f in flags if f.short}
+    given: dict[str, str | list[str]] = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok, i = argv[i], i + 1
+        if tok == "--":
+            positional += argv[i:]
+            break
+        if tok in ("--help", "-h"):
+            return None
+        if not _is_option(tok):
+            positional.append(tok)
+            continue
+        if tok.startswith("--"):
+            name, eq, value = tok[2:].partition("=")
+            name = name.replace("-", "_")
+        elif tok[1] in by_short and tok[2:3] in ("", "="):
+            name, eq, value = by_short[tok[1]].name, tok[2:3], tok[3:]
+        else:
+            raise UsageError(f"unknown option {tok}; flags are spelled --name (see --help)")
+        negated = by_name.get(name[2:]) if name.startswith("no") and not eq else None
+        if name not in by_name and negated is not None and negated.type is bool:
+            given[negated.name] = "False"
+            continue
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=1)
+            hint = f"did you mean --{close[0]}? " if close else ""
+            raise UsageError(f"unknown flag --{name}; {hint}see --help for the flags")
+        flag = by_name[name]
+        if not eq:
+            if flag.type is bool and (i == len(argv) or _is_option(argv[i])):
+                given[name] = "True"
+                continue
+            if i == len(argv):
+                raise UsageError(f"--{name} needs a value")
+            value, i = argv[i], i + 1
+        if flag.type is list:
+            values = [value]
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            given[name] = values if len(values) > 1 else value
+        else:
+            given[name] = value
+    free = [f.name for f in flags if f.name not in given]
+    if len(positional) > len(free):
+        raise UsageError(f"unexpected argument {positional[len(free)]!r}; give options as --name value (see --help)")
+    given.update(zip(free, positional, strict=False))
+    return given
+
+
+def fire_command(given: dict[str, str | list[str]], flags: Sequence[Flag]) -> list[str]:
+    """parse_argv's result as the one form of fire's command line that needs none of its other rules:
+    `--name=VALUE` per flag. Text flags (str, list) go as quoted Python literals, which fire hands over
+    verbatim; the other values as written, for fire to parse as Python literals (2 -> 2, 0.5 -> 0.5, True ->
+    True, and a word that is no literal stays a string, so the checks can report it as given)."""
+    text = {f.name for f in flags if f.type in (str, list)}
+    return [f"--{name}={value!r}" if name in text else f"--{name}={value}" for name, value in given.items()]
+
+
+def help_text(flags: Sequence[Flag], prog: str, about: str, examples: Sequence[str], epilog: str) -> str:
+    """--help: a usage line, `about`, every flag with its short form, default or "required", and help text, the
+    examples, then `epilog`."""
+    def spelled(f: Flag) -> str:
+        metavar = f.metavar or {bool: "True|False", int: "N", float: "X", list: "PATH"}.get(f.type, "TEXT")
+        return f"--{f.name}={metavar}" + (" ..." if f.type is list else "")
+
+    required = [f for f in flags if f.required is not None]
+    usage = " ".join(f"{spelled(f).replace('=', ' ', 1)}" for f in required)
+    lines = [f"usage: python {prog} {usage} [FLAG ...]", "", about.strip(), "",
+             "flags (a bool flag alone means True; positional words fill the flags in this order):"]
+    for f in flags:
+        names = (f"-{f.short}, " if f.short else "    ") + spelled(f)
+        shown = f.shown_default or (f'"{f.default}"' if isinstance(f.default, str) else repr(f.default))
+        note = "required" if f.required else f"default: {shown}"
+        lines.append(f"  {names}  ({note})")
+        lines += textwrap.wrap(f.help, 112, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    lines += ["", "examples:"] + [f"  {e}" for e in examples] + ["", epilog.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def _is_option(tok: str) -> bool:
+    """A word that names a flag, as opposed to a value: starts with "-", but not "-" alone or a number (-5)."""
+    if not tok.startswith("-") or tok == "-":
+        return False
+    try:
+        float(tok)
+        return False
+    except ValueError:
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images, output paths, errors
+# ---------------------------------------------------------------------------------------------------------------
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -107,45 +286,6 @@ def describe(e: BaseException, stage: str) -> tuple[int, str]:
         return EXIT_BAD_INPUT, f"{e.strerror or one_line(e)}: {e.filename}; check the path and its permissions"
     return EXIT_FAILURE, (f"unexpected {type(e).__name__} while {stage}: {one_line(e)[:300]}; "
                           "rerun with --debug for the traceback and report it")
-
-
-def check_flags(max_tokens, temperature, top_p, top_k, do_sample, only_cpu) -> None:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise UsageError(f"--max_tokens_to_generate must be a positive integer, got {max_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise UsageError(f"--temperature must be a number >= 0, got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1], got {top_p!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise UsageError(f"--top_k must be an integer >= 0, got {top_k!r}")
-    for name, value in (("--do_sample", do_sample), ("--only_cpu", only_cpu)):
-        if not isinstance(value, bool):
-            raise UsageError(f"{name} must be True or False, got {value!r}")
-
-
-def check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug) -> None:
-    if not isinstance(debug, bool):
-        raise UsageError(f"--debug must be True or False, got {debug!r}")
-    if model_path is None or model_path == "":
-        raise UsageError("--model_path is required: the checkpoint directory (config.json, *.safetensors, tokenizer)")
-    if image_file_path is None or image_file_path == "":
-        raise UsageError("--image_file_path is required: the image to ask about")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise UsageError(f"--seed must be an integer >= 0, got {seed!r}")
-    if only_cpu and device is not None and str(device) != "cpu":
-        raise UsageError(f"--only_cpu True contradicts --device {device}; give one of them")
-
-
-def check_bool_flags(**flags) -> None:
-    """Each --name must be exactly True or False (fire passes other words through as strings)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise UsageError(f"--{name} must be True or False, got {value!r}")
-
-
-def check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"--batch_size must be a positive integer, got {batch_size!r}")
 
 
 def expand_image_paths(spec: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -219,79 +359,3 @@ def output_image_paths(output_image, image_paths: Sequence[str], many: bool) -> 
             if target.exists() and Path(src).exists() and target.samefile(src):
                 raise UsageError(f"--output_image {target} is the input image {src}; give another path")
     return targets
-
-
-# Flags whose value is text: passed to fire as a quoted literal so that e.g. --prompt 1e3 stays "1e3"
-# (fire would otherwise turn it into the float 1000.0) and --model_path 2024 stays a path.
-_TEXT_FLAGS = ("model_path", "prompt", "image_file_path", "device", "dtype", "output_image")
-# Flags that take every following word up to the next option (what the shell makes of `--image_file_path *.jpg`).
-_LIST_FLAGS = ("image_file_path",)
-
-
-def prepare_argv(argv: list[str], main: Callable) -> list[str]:
-    """Check flag names before fire runs `main` (fire runs it first and complains about unknown flags after) and
-    quote the values of text flags. Raises UsageError for an unknown flag or a surplus positional argument."""
-    params = inspect.signature(main).parameters
-    bools = {n for n, p in params.items() if isinstance(p.default, bool)}
-    # The short forms --help lists (fire's rule: -x for the one flag whose name starts with x).
-    firsts = [n[0] for n in params]
-    shorts = {n[0]: n for n in params if firsts.count(n[0]) == 1}
-    out, given, positional = [], set(), []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":  # fire's own flags follow
-            out += argv[i:]
-            break
-        if len(tok) >= 2 and tok[0] == "-" and tok[1] in shorts and tok[2:3] in ("", "="):
-            tok = f"--{shorts[tok[1]]}{tok[2:]}"
-        if not tok.startswith("--") or tok == "--help":
-            if tok.startswith("-") and tok not in ("-h", "-", "--help") and not _is_number(tok):
-                raise UsageError(f"unknown option {tok}; flags are spelled --name (see --help)")
-            if not tok.startswith("-") or _is_number(tok):
-                positional.append(tok)
-            out.append(tok)
-            i += 1
-            continue
-        name, eq, value = tok[2:].partition("=")
-        name = name.replace("-", "_")
-        if name not in params and name.startswith("no") and name[2:] in bools and not eq:
-            given.add(name[2:])
-            out.append(tok)
-            i += 1
-            continue
-        if name not in params:
-            close = difflib.get_close_matches(name, list(params), n=1)
-            hint = f"did you mean --{close[0]}? " if close else ""
-            raise UsageError(f"unknown flag --{name}; {hint}see --help for the flags")
-        given.add(name)
-        if not eq:
-            takes_value = name not in bools or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
-            if not takes_value:
-                out.append(tok)
-                i += 1
-                continue
-            if i + 1 >= len(argv):
-                raise UsageError(f"--{name} needs a value")
-            value = argv[i + 1]
-            i += 1
-        if name in _LIST_FLAGS:
-            values = [value]
-            while i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-                values.append(argv[i + 1])
-                i += 1
-            value = values[0] if len(values) == 1 else values  # a list literal: fire passes main a list
-        out.append(f"--{name}={value!r}" if name in _TEXT_FLAGS else f"--{name}={value}")
-        i += 1
-    free = [n for n in params if n not in given]
-    if len(positional) > len(free):
-        raise UsageError(f"unexpected argument {positional[len(free)]!r}; give options as --name value (see --help)")
-    return out
-
-
-def _is_number(tok: str) -> bool:
-    try:
-        float(tok)
-        return True
-    except ValueError:
-        return False

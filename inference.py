@@ -1,24 +1,25 @@
-"""Generation (greedy / temperature / top-k / top-p), streaming text, and the command-line tool.
+"""The command line: answer a prompt about one image or many with a PaliGemma checkpoint.
 
     python inference.py --model_path DIR --prompt "caption en" --image_file_path img.jpg
     python inference.py --model_path google/paligemma-3b-mix-224 --prompt "detect cat ; dog" \
         --image_file_path photos/ --output_image drawn/           # one JSON line per image, boxes drawn
 
 stdout carries only the answers (one image: the text, streamed; several: JSON Lines); progress bars and
-diagnostics go to stderr. Flag checks and error messages live in cli_checks.py. The generation loop follows
-gpt-fast: a preallocated KV cache addressed by tensor positions, `prefill()` (vision tower + whole prompt, logits
-for the last position only) separate from `decode_one_token()`, each row stopping on its own at EOS.
-Checked against transformers' `GenerationMixin` greedy/sampling semantics (parity tests in tests/).
+diagnostics go to stderr. Every flag is declared once, in FLAGS below: argv parsing, the call into fire, main()'s
+signature, the checks before the model loads and --help all come from that table (machinery in cli_checks.py).
+The generation library lives in generation.py; its names are re-exported here, so the seed's
+`from inference import generate, make_processor, ...` keeps working.
 """
 
 from __future__ import annotations
 
-import json as _json  # main() has a --json flag
+import json as _json  # FLAGS has a --json flag
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -27,419 +28,161 @@ from tqdm import tqdm
 from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
+    Flag,
     ImageError,
     UsageError,
-    check_batch_size,
-    check_bool_flags,
-    check_flags,
-    check_run_flags,
+    args_doc,
+    check_options,
     describe,
     expand_image_paths,
+    fire_command,
+    help_text,
     load_image,
     log,
     one_line,
+    options_class,
     output_image_paths,
-    prepare_argv,
+    parse_argv,
+    signature_of,
 )
-from modeling_gemma import KVCache, PaliGemmaForConditionalGeneration
-from modeling_siglip import cpu_has_bf16_arithmetic
-from processing_paligemma import Detection, PaliGemmaProcessor, draw_detections, parse_detections, to_rgb
-from utils import load_hf_model, resolve_device, resolve_dtype
+from generation import (  # noqa: F401 — re-exported: `from inference import ...` as before generation.py existed
+    SamplingConfig,
+    TextStream,
+    auto_prefill_dtype,
+    compiled_decode_step,
+    decode_one_token,
+    decode_text,
+    generate,
+    generate_ids,
+    make_processor,
+    prefill,
+    sample_next_token,
+)
+from processing_paligemma import Detection, draw_detections, parse_detections, to_rgb
+from utils import load_hf_model, resolve_device_dtype
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick the next token per row from logits (B, V) -> (B,).
-
-    Greedy (argmax) unless do_sample and temperature > 0. Sampling: divide by temperature, keep the top_k best
-    (0 = all), then the nucleus — the smallest set of best tokens whose probability sums to >= top_p — and draw
-    from what is left, renormalised.
-    """
-    logits = logits.float()
-    if not do_sample or temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # A token stays if the tokens ranked above it sum to < top_p; the best token always stays.
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def _at_least(low: float) -> Callable[[Any], bool]:
+    return lambda v: v >= low
 
 
-def auto_prefill_dtype(model: PaliGemmaForConditionalGeneration) -> torch.dtype:
-    """The arithmetic dtype for the prefill: the weights' dtype, except bf16/fp16 weights on a CPU without
-    native bf16 arithmetic, which prefill in float32 (the prefill is compute-bound; decode is memory-bound and
-    stays in the weights' dtype, so it keeps reading half the bytes)."""
-    if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
-        if model.dtype == torch.float16 or not cpu_has_bf16_arithmetic():
-            return torch.float32
-    return model.dtype
+# name, type, default, help, then: short form, metavar, what a missing required flag needs, what a value must be.
+FLAGS: tuple[Flag, ...] = (
+    Flag("model_path", str, None, "checkpoint directory in the Hugging Face layout (config.json, *.safetensors, "
+         "tokenizer), or a hub id such as google/paligemma-3b-mix-224 (downloaded into / read from the Hugging "
+         "Face cache).", metavar="PATH", required="the checkpoint directory (config.json, *.safetensors, tokenizer)"),
+    Flag("prompt", str, "", 'task prompt, e.g. "caption en", "answer en what is this?", "detect cat ; dog" ("" is '
+         "valid).", short="p"),
+    Flag("image_file_path", list, None, 'the image to ask about; or several files, a directory, or a quoted glob '
+         '("imgs/*.jpg").', short="i", metavar="IMAGE", required="the image to ask about"),
+    Flag("max_tokens_to_generate", int, 100, "most new tokens to generate (stops earlier at EOS).",
+         valid=("a positive integer", _at_least(1))),
+    Flag("temperature", float, 0.8, "sampling temperature (used with --do_sample True; 0 means greedy).",
+         valid=("a number >= 0", _at_least(0))),
+    Flag("top_p", float, 0.9, "nucleus sampling threshold in (0, 1].", valid=("in (0, 1]", lambda v: 0 < v <= 1)),
+    Flag("do_sample", bool, False, "sample instead of greedy decoding."),
+    Flag("only_cpu", bool, False, "force the CPU even if CUDA/MPS is available."),
+    Flag("device", str, None, "cpu, cuda, cuda:N or mps.", metavar="DEVICE",
+         shown_default="CUDA, else MPS, else CPU"),
+    Flag("dtype", str, None, "float32, bfloat16 or float16.", metavar="DTYPE",
+         shown_default="float32 on CPU, bfloat16 on CUDA/MPS"),
+    Flag("top_k", int, 0, "keep only the k most likely tokens when sampling (0 = off).",
+         valid=("an integer >= 0", _at_least(0))),
+    Flag("seed", int, None, "random seed for sampling, for reproducible output.", shown_default="a random seed",
+         valid=("an integer >= 0", _at_least(0))),
+    Flag("debug", bool, False, "show Python tracebacks instead of one-line errors."),
+    Flag("stream", bool, True, "one image, plain text: print the answer token by token as it is generated."),
+    Flag("json", bool, False, 'one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain '
+         "answer.", short="j"),
+    Flag("output_image", str, None, "draw the detected boxes and labels: a file (.png, .jpg) for one image, an "
+         "existing directory for several (each drawn as <name>.png).", metavar="PATH", shown_default="no drawing"),
+    Flag("batch_size", int, 8, "images per forward pass when there are several.", short="b",
+         valid=("a positive integer", _at_least(1))),
+    Flag("verbose", bool, False, "print load time, time to first token and tokens/s (images/s for several) to "
+         "stderr.", short="v"),
+    Flag("compile", bool, False, "CUDA only: compile the decode step into one CUDA graph per token "
+         "(torch.compile); the first call compiles for a while, so it pays for long answers and many images. "
+         "Ignored elsewhere.", short="c"),
+)
+
+# The parsed command line: one frozen dataclass, a field per flag (model_path, prompt, ..., compile).
+Options = options_class(FLAGS)
+
+ABOUT = """\
+Answer a prompt about one image or many with a PaliGemma checkpoint; stdout carries only the answers.
+
+One image: the answer as plain text, streamed as it is generated (--json: one JSON object). Several images,
+a directory or a glob: one JSON line per image in input order, {"path", "text", "boxes", "problems"} or
+{"path", "error"}; a bar on stderr. "boxes" are the detection answer's boxes in the image's pixels."""
+
+EXAMPLES = (
+    'python inference.py --model_path google/paligemma-3b-mix-224 --prompt "caption en" --image_file_path cow.jpg',
+    'python inference.py --model_path ckpt/ --prompt "answer en what is this?" -i cow.jpg --dtype bfloat16 --verbose',
+    'python inference.py --model_path ckpt/ --prompt "detect cat ; dog" -i photos/ --output_image drawn/',
+)
+
+EXIT_CODES = """\
+exit codes: 0 done; 2 bad input (a flag, an image, the checkpoint); 1 out of memory or a bug (--debug shows the
+traceback); 130 interrupted. Every error is one stderr line starting with "error:" (docs/errors.md lists them).
+With several images an unreadable one gets an {"path", "error"} line, the rest still run, and the exit code is 2."""
 
 
-def prefill(
-    model: PaliGemmaForConditionalGeneration,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    attention_mask: torch.Tensor,
-    kv_cache: KVCache,
-    position_ids: torch.Tensor,
-    compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Run the vision tower and the whole prompt once, filling the cache; logits (B, V) for the last position."""
-    input_pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    out = model(input_ids, pixel_values, attention_mask, kv_cache=kv_cache, input_pos=input_pos,
-                position_ids=position_ids, num_logits_to_keep=1, compute_dtype=compute_dtype)
-    return out["logits"][:, -1]
+@dataclass(frozen=True)
+class _Run:
+    """What every answer of one invocation shares."""
+
+    prompt: str
+    sampling: SamplingConfig
+    compile: bool
+    stats: _Stats | None
 
 
-def decode_one_token(
-    model: PaliGemmaForConditionalGeneration,
-    token: torch.Tensor,
-    input_pos: torch.Tensor,
-    position_ids: torch.Tensor,
-    kv_cache: KVCache,
-) -> torch.Tensor:
-    """One cached step: token (B, 1) at cache slot input_pos (1,) and RoPE positions (B, 1) -> logits (B, V).
-
-    Shapes are static and positions are tensors, so the step can be compiled once (CUDA graphs) and replayed."""
-    return model(token, kv_cache=kv_cache, input_pos=input_pos, position_ids=position_ids)["logits"][:, -1]
-
-
-def compiled_decode_step(model: PaliGemmaForConditionalGeneration):
-    """decode_one_token compiled for this model (cached on it): mode "reduce-overhead" on CUDA, i.e. one CUDA graph
-    replayed per token; the default inductor mode elsewhere. The first calls of each new shape compile."""
-    fn = getattr(model, "_compiled_decode", None)
-    if fn is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        fn = torch.compile(decode_one_token, mode=mode, fullgraph=True)
-        model._compiled_decode = fn
-    return fn
-
-
-def _decode_cache(model: PaliGemmaForConditionalGeneration, batch_size: int, length: int) -> KVCache:
-    """For the compiled step: one cache per (batch, length rounded up to 256) kept on the model and reused, with
-    static addresses, so CUDA graphs recorded for it stay valid across calls and few lengths need their own graph.
-    Zeroed in place before each use (stale values sit at masked positions, but a NaN there would still leak)."""
-    size = -(-length // 256) * 256
-    caches = model.__dict__.setdefault("_decode_caches", {})
-    cache = caches.get((batch_size, size))
-    if cache is None or cache.k_cache.dtype != model.dtype or cache.k_cache.device != model.device:
-        cache = caches[(batch_size, size)] = model.new_kv_cache(batch_size, size)
-        for buf in cache.buffers():
-            torch._dynamo.mark_static_address(buf)  # updated in place by the graph, never reallocated
-    for buf in cache.buffers():
-        buf.zero_()
-    return cache
-
-
-# On an accelerator, reading `finished.all()` waits for the GPU; checking EOS every few steps keeps the host
-# ahead of the device. Rows that finished meanwhile only get padding, so the output is the same.
-_EOS_CHECK_EVERY = {"cpu": 1}
-
-
-@torch.inference_mode()
-def generate_ids(
-    model: PaliGemmaForConditionalGeneration,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 100,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    eos_token_ids: Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
-    compile: bool = False,
-    prefill_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Generate up to max_new_tokens per row -> (B, n) new token ids; after a row's EOS it holds padding.
-
-    eos_token_ids: default from the config ([1], or [1, 107] for PaliGemma 2); an empty list ignores EOS
-    (benchmarks force a fixed length that way). seed fixes the sampling generator. on_token, if given, is called
-    with each step's tokens (B,) as soon as they are chosen (streaming); rows already finished hold pad_token_id.
-    compile: run the decode step through torch.compile (worth it on CUDA: one CUDA graph per token; the first
-    call compiles for tens of seconds). prefill_dtype: arithmetic dtype of the prefill, default
-    auto_prefill_dtype(model).
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = model.device
-    input_ids = input_ids.to(device)
-    pixel_values = pixel_values.to(device)
-    B, T = input_ids.shape
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    cfg = model.config
-    max_pos = cfg.text_config.max_position_embeddings
-    if T + max_new_tokens > max_pos:
-        raise ValueError(
-            f"prompt ({T} tokens incl. {cfg.num_image_tokens} image tokens) + {max_new_tokens} new tokens exceeds "
-            f"the model's {max_pos} positions; shorten the prompt or lower max_tokens_to_generate"
-        )
-    eos = torch.tensor(cfg.eos_token_id if eos_token_ids is None else list(eos_token_ids), device=device)
-    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
-
-    cache = _decode_cache(model, B, T + max_new_tokens) if compile else model.new_kv_cache(B, T + max_new_tokens)
-    # RoPE positions count real tokens only, so a left-padded row sees the same positions as it would alone.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
-    logits = prefill(model, input_ids, pixel_values, attention_mask, cache, position_ids,
-                     prefill_dtype or auto_prefill_dtype(model))
-    step_fn = compiled_decode_step(model) if compile else decode_one_token
-    check_every = _EOS_CHECK_EVERY.get(device.type, 8)
-
-    out = []
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    input_pos = torch.tensor([T], device=device)  # cache slot of the next token, advanced on the device
-    for step in range(max_new_tokens):
-        token = sample_next_token(logits, do_sample, temperature, top_p, top_k, generator)
-        token = token.masked_fill(finished, pad)
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        finished |= torch.isin(token, eos)
-        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
-            break
-        logits = step_fn(model, token[:, None], input_pos, next_pos, cache)
-        # New tensors, not in-place updates: a CUDA-graph step may still hold the previous ones as inputs.
-        input_pos = input_pos + 1
-        next_pos = next_pos + 1
-    return torch.stack(out, dim=1)
-
-
-def decode_text(tokenizer, ids: torch.Tensor, eos_token_ids: Sequence[int]) -> str:
-    """New ids of one row -> text, cut at the first EOS; special tokens (BOS/EOS/pad) dropped, <loc> kept."""
-    row = ids.tolist()
-    for i, t in enumerate(row):
-        if t in eos_token_ids:
-            row = row[:i]
-            break
-    return tokenizer.decode(row, skip_special_tokens=True)
-
-
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece byte-fallback tokens
-
-
-class TextStream:
-    """Generated ids of one answer -> text pieces as the ids arrive; the pieces join to exactly decode_text(ids).
-
-    Decoding is not piecewise inside a run of byte-fallback tokens: `<0xE2><0x82><0xAC>` is "€", and tokenizers'
-    ByteFallback decodes a whole run at once, turning every byte into U+FFFD when the run as a whole is not UTF-8
-    (so a later byte can spoil an already complete character). So nothing of a byte run is emitted until a
-    non-byte token ends it; a multi-byte character split over tokens appears whole. Each step decodes only the
-    ids since the last emitted piece, with that piece's ids as context (for decoders that treat the first token
-    differently), so an n-token answer costs O(n) decoding, not O(n²).
-    """
-
-    def __init__(self, tokenizer, eos_token_ids: Sequence[int]):
-        self.tokenizer = tokenizer
-        self.eos = set(eos_token_ids)
-        # Dropped by decode(skip_special_tokens=True) (every added token marked special, e.g. <end_of_turn>, not
-        # only the named ones), so they must not end a byte run here either.
-        self.skipped = set(tokenizer.all_special_ids) | {
-            i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)}
-        self.ids: list[int] = []
-        self.context = 0  # ids[context:emitted] made the last piece: the context for decoding the next one
-        self.emitted = 0  # the text of ids[:emitted] is out
-        self.pieces: list[str] = []
-        self.done = False
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; returns the text that became final with it (often "")."""
-        if self.done or token_id in self.eos:
-            self.done = True
-            return ""
-        if token_id in self.skipped:
-            return ""
-        self.ids.append(int(token_id))
-        if _BYTE_PIECE.fullmatch(self.tokenizer.convert_ids_to_tokens(int(token_id)) or ""):
-            return ""  # inside a byte run: its text is known only when the run ends
-        before = self._decode(self.ids[self.context:self.emitted])
-        now = self._decode(self.ids[self.context:])
-        if not now.startswith(before):  # a decoder that rewrites earlier text: finish() settles it
-            return ""
-        self.context, self.emitted = self.emitted, len(self.ids)
-        return self._out(now[len(before):])
-
-    def finish(self) -> str:
-        """The text not yet returned (e.g. a trailing byte run); after it the pieces join to decode_text(ids)."""
-        self.done = True
-        full, out = self._decode(self.ids), "".join(self.pieces)
-        return self._out(full[len(out):] if full.startswith(out) else "")
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-    def _out(self, piece: str) -> str:
-        if piece:
-            self.pieces.append(piece)
-        return piece
-
-
-def generate(
-    model: PaliGemmaForConditionalGeneration,
-    processor: PaliGemmaProcessor,
-    prompts: Sequence[str] | str,
-    images: Sequence[Image.Image] | Image.Image,
-    max_new_tokens: int = 100,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
-    on_text: Callable[[str], None] | None = None,
-    compile: bool = False,
-) -> list[str]:
-    """Answer each (prompt, image) pair; returns one string per pair, the prompt not included.
-
-    on_token is called with each step's token ids (B,); on_text (one pair only) with each new piece of text as
-    it is generated — the pieces join to the returned string. compile: see generate_ids (pays on CUDA only).
-
-    >>> model, tokenizer = load_hf_model("paligemma-3b-pt-224", "cpu")
-    >>> processor = make_processor(model, tokenizer)
-    >>> generate(model, processor, ["caption en"], [Image.open("cow.jpg")], max_new_tokens=20)
-    >>> generate(model, processor, "caption en", Image.open("cow.jpg"), on_text=lambda s: print(s, end=""))
-    """
-    inputs = processor(text=prompts, images=images)
-    eos = model.config.eos_token_id
-    step = on_token
-    if on_text is not None:
-        if inputs["input_ids"].shape[0] != 1:
-            raise ValueError("on_text streams one answer; give one prompt and one image")
-        stream = TextStream(processor.tokenizer, eos)
-
-        def step(token: torch.Tensor) -> None:
-            if on_token is not None:
-                on_token(token)
-            piece = stream.push(int(token[0]))
-            if piece:
-                on_text(piece)
-
-    ids = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                       max_new_tokens, do_sample, temperature, top_p, top_k, seed, on_token=step, compile=compile)
-    if on_text is not None and (rest := stream.finish()):
-        on_text(rest)
-    return [decode_text(processor.tokenizer, row, eos) for row in ids.cpu()]
-
-
-def make_processor(model: PaliGemmaForConditionalGeneration, tokenizer) -> PaliGemmaProcessor:
-    """The processor matching a loaded model's image size and image-token count."""
-    vc = model.config.vision_config
-    return PaliGemmaProcessor(tokenizer, vc.num_image_tokens, vc.image_size)
-
-
-def main(
-    model_path: str | None = None,
-    prompt: str = "",
-    image_file_path: str | list[str] | None = None,
-    max_tokens_to_generate: int = 100,
-    temperature: float = 0.8,
-    top_p: float = 0.9,
-    do_sample: bool = False,
-    only_cpu: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    top_k: int = 0,
-    seed: int | None = None,
-    debug: bool = False,
-    stream: bool = True,
-    json: bool = False,
-    output_image: str | None = None,
-    batch_size: int = 8,
-    verbose: bool = False,
-    compile: bool = False,
-) -> None:
+def main(*args: Any, **flags: Any) -> None:
     """Answer a prompt about one image or many with a PaliGemma checkpoint; stdout carries only the answers.
 
-    One image: the answer as plain text, streamed as it is generated (--json: one JSON object). Several images,
-    a directory or a glob: one JSON line per image in input order, {"path", "text", "boxes", "problems"} or
-    {"path", "error"}; a bar on stderr. "boxes" are the detection answer's boxes in the image's pixels.
-
-    Args:
-        model_path: checkpoint directory in the Hugging Face layout (config.json, *.safetensors, tokenizer), or a
-            hub id such as google/paligemma-3b-mix-224 (downloaded into / read from the Hugging Face cache).
-        prompt: task prompt, e.g. "caption en", "answer en what is this?", "detect cat ; dog" ("" is valid).
-        image_file_path: the image to ask about; or several files, a directory, or a quoted glob ("imgs/*.jpg").
-        max_tokens_to_generate: most new tokens to generate (stops earlier at EOS).
-        temperature: sampling temperature (used with --do_sample True; 0 means greedy).
-        top_p: nucleus sampling threshold in (0, 1].
-        do_sample: sample instead of greedy decoding.
-        only_cpu: force the CPU even if CUDA/MPS is available.
-        device: cpu, cuda, cuda:N or mps (default: CUDA, else MPS, else CPU).
-        dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA/MPS).
-        top_k: keep only the k most likely tokens when sampling (0 = off).
-        seed: random seed for sampling, for reproducible output.
-        debug: show Python tracebacks instead of one-line errors.
-        stream: one image, plain text: print the answer token by token as it is generated (default True).
-        json: one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain answer.
-        output_image: draw the detected boxes and labels: a file (.png, .jpg) for one image, an existing
-            directory for several (each drawn as <name>.png).
-        batch_size: images per forward pass when there are several (default 8).
-        verbose: print load time, time to first token and tokens/s (images/s for several) to stderr.
-        compile: CUDA only: compile the decode step into one CUDA graph per token (torch.compile); the first
-            call compiles for a minute, so it pays for long answers and many images. Ignored elsewhere.
-
-    Errors end in one stderr line starting with "error:" and exit code 2 (bad input), 1 (out of memory or a
-    bug; --debug shows the traceback) or 130 (interrupted); see README "Errors". With several images an
-    unreadable one gets an {"path", "error"} line, the rest still run, and the exit code is 2.
+    Called by fire with every flag by name; from Python as main(model_path, prompt, image_file_path, **flags).
+    The flags (signature and Args below) come from FLAGS. Errors end in one stderr line and sys.exit(2, 1 or 130).
     """
+    options = Options(**signature_of(FLAGS).bind(*args, **flags).arguments)
     stage = "checking the flags"
     failed = 0
     try:
-        check_flags(max_tokens_to_generate, temperature, top_p, top_k, do_sample, only_cpu)
-        check_run_flags(model_path, image_file_path, device, only_cpu, seed, debug)
-        check_bool_flags(stream=stream, json=json, verbose=verbose, compile=compile)
-        check_batch_size(batch_size)
-        paths, many = expand_image_paths(image_file_path)
-        drawings = output_image_paths(output_image, paths, many)
-        dev = resolve_device("cpu" if only_cpu else device)
-        dt = resolve_dtype(dtype, dev)
-        if compile and dev.type != "cuda":
-            log(f"note: --compile pays only on CUDA (CUDA graphs); running eager on {dev.type}")
+        check_options(options, FLAGS)
+        if options.only_cpu and options.device is not None and str(options.device) != "cpu":
+            raise UsageError(f"--only_cpu True contradicts --device {options.device}; give one of them")
+        paths, many = expand_image_paths(options.image_file_path)
+        drawings = output_image_paths(options.output_image, paths, many)
+        device, dtype = resolve_device_dtype("cpu" if options.only_cpu else options.device, options.dtype)
+        compile = options.compile
+        if compile and device.type != "cuda":
+            log(f"note: --compile pays only on CUDA (CUDA graphs); running eager on {device.type}")
             compile = False
-        if dev.type == "cpu" and dt == torch.float16:
+        if device.type == "cpu" and dtype == torch.float16:
             log("note: float16 on CPU works but is slow (no fast float16 CPU kernels); float32 or bfloat16 is faster")
         if not many:
             stage = "reading the image"
             image = load_image(paths[0])  # before the model: a bad image should not cost a long load
         stage = "loading the model"
         started = time.perf_counter()
-        model, tokenizer = load_hf_model(str(model_path), dev, dt, pack=None)  # packs where it pays
-        log(f"loaded {model_path} on {model.device} as {model.dtype}")
-        stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if verbose else None
+        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None)  # packs where it pays
+        log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
+        stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None
         stage = "generating"
         processor = make_processor(model, tokenizer)
-        settings = (max_tokens_to_generate, do_sample, temperature, top_p, top_k, seed, compile)
+        sampling = SamplingConfig(max_new_tokens=options.max_tokens_to_generate, do_sample=options.do_sample,
+                                  temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                                  seed=options.seed)
+        run = _Run(prompt=str(options.prompt), sampling=sampling, compile=compile, stats=stats)
         if many:
-            failed = _answer_many(model, processor, str(prompt), paths, batch_size, settings, drawings, stats)
+            failed = _answer_many(model, processor, run, paths, options.batch_size, drawings)
         else:
-            _answer_one(model, processor, str(prompt), paths[0], image, settings, stream and not json, json,
-                        drawings and drawings[0], stats)
+            _answer_one(model, processor, run, paths[0], image, options.stream and not options.json, options.json,
+                        drawings and drawings[0])
         if stats is not None:
             stats.report(many)
     except BaseException as e:  # noqa: BLE001 — every failure becomes one line; --debug shows the traceback
         # SystemExit passes; a closed stdout goes to cli()'s handler, which knows how to exit quietly.
-        if debug is True or isinstance(e, (SystemExit, BrokenPipeError)):
+        if options.debug is True or isinstance(e, (SystemExit, BrokenPipeError)):
             raise
         code, message = describe(e, stage)
         log(f"error: {message}")
@@ -449,10 +192,14 @@ def main(
         sys.exit(EXIT_BAD_INPUT)
 
 
-def _answer_one(model, processor, prompt, path, image, settings, stream, as_json, drawing, stats) -> None:
+main.__signature__ = signature_of(FLAGS)  # what fire, inspect and help() see: one parameter per flag
+main.__doc__ += args_doc(FLAGS)
+
+
+def _answer_one(model, processor, run: _Run, path, image, stream, as_json, drawing) -> None:
     """One image: the plain answer (streamed, or all at the end) or one JSON object; the drawing if asked for."""
     shown: list[str] = []
-    text = _generate(model, processor, [prompt], [image], settings, stats, _show(shown) if stream else None)[0]
+    text = _generate(model, processor, run, [image], _show(shown) if stream else None)[0]
     if as_json or drawing:
         boxes, problems = parse_detections(text, *image.size)
     if drawing:
@@ -467,7 +214,7 @@ def _answer_one(model, processor, prompt, path, image, settings, stream, as_json
         print(text[len(done):] if text.startswith(done) else "")  # the rest (all of it when not streamed), "\n"
 
 
-def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings, stats) -> int:
+def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> int:
     """Several images, batch_size at a time: one JSON line per image in input order. Returns how many failed."""
     failed = 0
     with tqdm(total=len(paths), desc="images", unit="image", file=sys.stderr) as bar:
@@ -482,7 +229,7 @@ def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings
                     records[i] = {"path": path, "error": one_line(e)}
             if images:
                 rows = list(images)
-                texts = _generate(model, processor, [prompt] * len(rows), [images[i] for i in rows], settings, stats)
+                texts = _generate(model, processor, run, [images[i] for i in rows])
                 for i, text in zip(rows, texts, strict=True):
                     boxes, problems = parse_detections(text, *images[i].size)
                     records[i] = _record(chunk[i], text, boxes, problems)
@@ -495,14 +242,15 @@ def _answer_many(model, processor, prompt, paths, batch_size, settings, drawings
     return failed
 
 
-def _generate(model, processor, prompts, images, settings, stats, on_text=None) -> list[str]:
-    """generate() with the CLI's settings, timed for --verbose when stats is given."""
-    *sampling, compile = settings
-    if stats is None:
-        return generate(model, processor, prompts, images, *sampling, None, on_text, compile)
-    stats.begin(len(prompts))
-    texts = generate(model, processor, prompts, images, *sampling, stats.on_token, on_text, compile)
-    stats.end()
+def _generate(model, processor, run: _Run, images, on_text=None) -> list[str]:
+    """generate() for the run's prompt on each image, timed for --verbose when the run has stats."""
+    stats = run.stats
+    if stats is not None:
+        stats.begin(len(images))
+    texts = generate(model, processor, [run.prompt] * len(images), images, on_token=stats.on_token if stats else None,
+                     on_text=on_text, compile=run.compile, sampling=run.sampling)
+    if stats is not None:
+        stats.end()
     return texts
 
 
@@ -561,18 +309,27 @@ def _show(shown: list[str]) -> Callable[[str], None]:
     return show
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """The command line: flag names checked here, values parsed by fire, every failure one "error:" line."""
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line: argv parsed by FLAGS' rules (cli_checks.parse_argv), then handed to fire in its plainest
+    form, `--name=VALUE` per flag (cli_checks.fire_command): fire parses the values and calls main. Flag names are
+    checked here, before anything loads; --help is FLAGS' own text on stdout. Every failure is one "error:" line.
+
+    fire keeps what it is good at (Python-literal values, the call); the rules a user sees (spelling, short forms,
+    bool flags alone, several image paths, help) are ours, so a fire upgrade that changes its own argv rules or
+    help format changes nothing here."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        argv = prepare_argv(argv, main)
+        given = parse_argv(argv, FLAGS)
     except UsageError as e:
         log(f"error: {e}")
         sys.exit(EXIT_BAD_INPUT)
-    import fire
-
     try:
-        fire.Fire(main, command=argv, name="inference.py")
+        if given is None:
+            sys.stdout.write(help_text(FLAGS, "inference.py", ABOUT, EXAMPLES, EXIT_CODES))
+        else:
+            import fire
+
+            fire.Fire(main, command=fire_command(given, FLAGS), name="inference.py")
         sys.stdout.flush()  # a block-buffered stdout would otherwise fail only at exit, outside this handler
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): not worth a traceback
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet

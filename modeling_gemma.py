@@ -5,7 +5,8 @@ differences are config switches: Gemma 2 adds two extra norms per layer, attenti
 soft-capping, a sliding window on alternate layers and `query_pre_attn_scalar`.
 
 Module attribute names mirror the hub checkpoint keys (`language_model.model.layers.{i}.self_attn.q_proj`,
-`multi_modal_projector.linear`, ...), so the legacy hub layout loads without a rename table.
+`multi_modal_projector.linear`, ...), so the legacy hub layout loads without a rename table. The configs live in
+configuration_paligemma.py (importable from here too); which kernel runs a Linear is ops.py's business.
 
 Checked against: transformers `models/{paligemma,gemma,gemma2}/modeling_*.py` (v5.23; parity tests in tests/),
 big_vision `models/proj/paligemma/paligemma.py` and `models/ppp/gemma.py`, google/gemma_pytorch, and the
@@ -15,113 +16,19 @@ PaliGemma / PaliGemma 2 papers (arXiv:2407.07726, 2412.03555).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling_siglip import Linear, SiglipVisionConfig, SiglipVisionModel, gelu_tanh, linear
-
-
-@dataclass
-class GemmaConfig:
-    """Text decoder config. Defaults are PaliGemma-3B's (Gemma 2B); Gemma 2 fields are None when unused."""
-
-    model_type: str = "gemma"  # "gemma" (PaliGemma 1) or "gemma2" (PaliGemma 2)
-    vocab_size: int = 257216  # embedding rows: 257152 tokenizer ids + <image> + padding to a multiple of 64
-    hidden_size: int = 2048  # residual width; the source of truth for sqrt(d) scaling (not the top-level one)
-    intermediate_size: int = 16384  # gated-MLP width
-    num_hidden_layers: int = 18  # decoder layers
-    num_attention_heads: int = 8  # query heads
-    num_key_value_heads: int = 1  # KV heads; 1 = multi-query (PaliGemma 1), 4/8/16 = grouped (PaliGemma 2)
-    head_dim: int = 256  # per-head width; NOT hidden / heads (2048 / 8 = 256 here by coincidence only)
-    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
-    rope_theta: float = 10000.0  # RoPE base
-    max_position_embeddings: int = 8192  # longest sequence RoPE was trained for; prompts are checked against it
-    query_pre_attn_scalar: float | None = None  # Gemma 2: queries scaled by this ** -0.5; None -> head_dim
-    attn_logit_softcapping: float | None = None  # Gemma 2: scores -> tanh(s / c) * c before the mask
-    final_logit_softcapping: float | None = None  # Gemma 2: logits -> tanh(l / c) * c
-    sliding_window: int | None = None  # Gemma 2: local-attention span of the sliding layers
-    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"; None -> derived
-
-    def __post_init__(self) -> None:
-        if self.layer_types is None:
-            if self.sliding_window is not None:
-                # transformers (and Gemma 2 itself) alternate local/global starting with a local layer 0.
-                self.layer_types = [
-                    "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
-                ]
-            else:
-                self.layer_types = ["full_attention"] * self.num_hidden_layers
-
-    @property
-    def is_gemma2(self) -> bool:
-        return self.model_type == "gemma2"
-
-
-@dataclass
-class PaliGemmaConfig:
-    """Whole-model config: vision tower + projector + text decoder + the special token ids."""
-
-    vision_config: SiglipVisionConfig = field(default_factory=SiglipVisionConfig)
-    text_config: GemmaConfig = field(default_factory=GemmaConfig)
-    projection_dim: int = 2048  # projector output width; equals text hidden_size in every released checkpoint
-    image_token_index: int = 257152  # id of <image>, placed num_image_tokens times before BOS
-    bos_token_id: int = 2
-    pad_token_id: int = 0
-    eos_token_id: list[int] = field(default_factory=lambda: [1])  # PaliGemma 2 configs list [1, 107]
-
-    @property
-    def num_image_tokens(self) -> int:
-        return self.vision_config.num_image_tokens
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> PaliGemmaConfig:
-        """A released architecture by name (see `NAMED_CONFIGS`), with overrides.
-
-        `text=` and `vision=` take dicts of sub-config overrides; other keywords replace top-level fields:
-        `PaliGemmaConfig.from_name("paligemma-3b-224", text=dict(num_hidden_layers=2))`.
-        """
-        if name not in NAMED_CONFIGS:
-            raise ValueError(f"unknown config name {name!r}; known: {', '.join(sorted(NAMED_CONFIGS))}")
-        base = NAMED_CONFIGS[name]
-        text = replace(base.text_config, layer_types=None, **overrides.pop("text", {}))
-        vision = replace(base.vision_config, **overrides.pop("vision", {}))
-        return replace(base, text_config=text, vision_config=vision, **overrides)
-
-
-def _named_configs() -> dict[str, PaliGemmaConfig]:
-    """Every released PaliGemma architecture (weights differ between pt/mix/ft, shapes do not)."""
-    gemma2 = dict(
-        model_type="gemma2", query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, sliding_window=4096, head_dim=256, vocab_size=257216,
-    )
-    texts = {
-        "paligemma-3b": GemmaConfig(),
-        "paligemma2-3b": GemmaConfig(**gemma2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                                     num_attention_heads=8, num_key_value_heads=4),
-        "paligemma2-10b": GemmaConfig(**gemma2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-                                      num_attention_heads=16, num_key_value_heads=8),
-        "paligemma2-28b": GemmaConfig(**{**gemma2, "head_dim": 128, "query_pre_attn_scalar": 144},
-                                      hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
-                                      num_attention_heads=32, num_key_value_heads=16),
-    }
-    out = {}
-    for stem, text in texts.items():
-        for size in (224, 448, 896):
-            eos = [1, 107] if text.is_gemma2 else [1]
-            out[f"{stem}-{size}"] = PaliGemmaConfig(
-                vision_config=SiglipVisionConfig(image_size=size), text_config=text,
-                projection_dim=text.hidden_size, eos_token_id=eos,
-            )
-    return out
-
-
-NAMED_CONFIGS: dict[str, PaliGemmaConfig] = _named_configs()
+from configuration_paligemma import NAMED_CONFIGS, GemmaConfig, PaliGemmaConfig  # noqa: F401 — re-exported
+from modeling_siglip import SiglipVisionModel
+from ops import Linear, gelu_tanh, linear
 
 
 class GemmaRMSNorm(nn.Module):
+    """RMSNorm scaling by (1 + weight), computed in float32."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -143,29 +50,21 @@ class KVCache(nn.Module):
     hold a real (non-padding) token, so attention masks can be built from the cache alone during decode.
     """
 
-    def __init__(
-        self,
-        config: GemmaConfig,
-        batch_size: int,
-        max_seq_len: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
+    def __init__(self, config: GemmaConfig, batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                 device: torch.device | str):
         super().__init__()
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer(
-            "valid", torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device), persistent=False
-        )
+        valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.register_buffer("valid", valid, persistent=False)
 
     @property
     def max_seq_len(self) -> int:
         return self.k_cache.shape[3]
 
-    def update(
-        self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) at positions `input_pos` (T,); return the layer's whole cache."""
         k_all, v_all = self.k_cache[layer_idx], self.v_cache[layer_idx]  # views, (B, n_kv, S, hd)
         k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
@@ -184,27 +83,20 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, head_dim) for per-row 0-based positions (B, T); angles computed in float32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
     # RoPE is relative, so the first position's number is free in exact arithmetic (big_vision uses 0), but the
-    # float32 angle p * theta_i rounds differently per p: at a few hundred positions that alone moves logits by
-    # ~1e-5 relative. transformers numbers from 1; doing the same makes our float32 logits match it bit-for-bit.
+    # float32 angle p * theta_i rounds differently per p: at a few hundred positions that alone moves logits past
+    # the parity tolerance. transformers numbers from 1; doing the same makes our float32 logits match it exactly.
     freqs = (position_ids.float() + 1.0)[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def grouped_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float,
-    softcap: float | None,
-) -> torch.Tensor:
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                      softcap: float | None) -> torch.Tensor:
     """Attention with n_kv < n_heads, the KV heads broadcast rather than copied per query head.
 
     q: (B, H, T, hd); k, v: (B, H_kv, S, hd); mask: (B, 1, T, S) bool, True = may attend. Returns (B, H, T, hd).
@@ -232,13 +124,14 @@ def grouped_attention(
 
 
 class GemmaAttention(nn.Module):
+    """Causal / prefix-LM self-attention with RoPE, MQA/GQA and (Gemma 2) soft-capping; writes the KV cache."""
+
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.rope_theta = config.rope_theta
         # PaliGemma 1: head_dim^-0.5. Gemma 2: query_pre_attn_scalar^-0.5 (differs from head_dim for 28B).
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.softcap = config.attn_logit_softcapping
@@ -248,14 +141,8 @@ class GemmaAttention(nn.Module):
         self.v_proj = Linear(d, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = Linear(self.num_heads * self.head_dim, d, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        input_pos: torch.Tensor,
-        kv_cache: KVCache | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                input_pos: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
@@ -272,6 +159,8 @@ class GemmaAttention(nn.Module):
 
 
 class GemmaMLP(nn.Module):
+    """Gated MLP without biases."""
+
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -284,6 +173,8 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks with residuals; Gemma 2 adds post-norms ("sandwich")."""
+
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__()
         self.is_sliding = config.layer_types[layer_idx] == "sliding_attention"
@@ -309,7 +200,9 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
-    """Embeddings + decoder layers + final norm (checkpoint prefix `language_model.model.`)."""
+    """Embeddings + decoder layers + final norm (checkpoint prefix `language_model.model.`).
+
+    forward takes embeddings, not ids: PaliGemma places image features among the token embeddings first."""
 
     def __init__(self, config: GemmaConfig):
         super().__init__()
@@ -317,6 +210,31 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings x (B, T, D) -> final-normed hidden states (B, T, D); arguments as in PaliGemma's forward."""
+        B, T, _ = x.shape
+        device = x.device
+        if input_pos is None:
+            if kv_cache is not None:
+                raise ValueError("input_pos (the cache positions of these tokens) is required with kv_cache")
+            input_pos = torch.arange(T, device=device)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        if position_ids is None:
+            position_ids = input_pos[None].expand(B, T)
+        if kv_cache is not None:
+            key_valid = kv_cache.update_mask(input_pos, attention_mask)
+            key_pos = torch.arange(kv_cache.max_seq_len, device=device)
+        else:
+            key_valid, key_pos = attention_mask.to(torch.bool), input_pos
+        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, self.config.sliding_window)
+        cos_sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos_sin, masks, input_pos, kv_cache)
+        return self.norm(x)
 
 
 class GemmaForCausalLM(nn.Module):
@@ -327,8 +245,26 @@ class GemmaForCausalLM(nn.Module):
         self.config = config
         self.model = GemmaModel(config)
 
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0) -> torch.Tensor:
+        """Embeddings (B, T, D) -> logits (B, T or num_logits_to_keep, V); arguments as in PaliGemma's forward."""
+        x = self.model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len)
+        if num_logits_to_keep:
+            x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
+        # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
+        # 257k x hidden weight to x's (a float32 copy of it would be as large as all other weights together).
+        weight = self.model.embed_tokens.weight
+        logits = linear(x.to(weight.dtype), weight)
+        if self.config.final_logit_softcapping is not None:
+            c = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / c) * c
+        return logits
+
 
 class PaliGemmaMultiModalProjector(nn.Module):
+    """SigLIP width -> text width."""
+
     def __init__(self, config: PaliGemmaConfig):
         super().__init__()
         # One Linear with bias, no activation (config's projector_hidden_act is unused by every checkpoint).
@@ -338,13 +274,9 @@ class PaliGemmaMultiModalProjector(nn.Module):
         return self.linear(x)
 
 
-def build_attention_masks(
-    key_valid: torch.Tensor,
-    key_pos: torch.Tensor,
-    input_pos: torch.Tensor,
-    prefix_len: int | torch.Tensor | None,
-    sliding_window: int | None,
-) -> dict[str, torch.Tensor | None]:
+def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_pos: torch.Tensor,
+                          prefix_len: int | torch.Tensor | None,
+                          sliding_window: int | None) -> dict[str, torch.Tensor | None]:
     """Prefix-LM masks (B, 1, T, S), True = may attend.
 
     A query at position q sees key k when k holds a real token and either k <= q (causal) or both lie in the
@@ -378,6 +310,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         self.vision_tower = SiglipVisionModel(config.vision_config)
         self.multi_modal_projector = PaliGemmaMultiModalProjector(config)
         self.language_model = GemmaForCausalLM(config.text_config)
+        self._reused_caches: dict[tuple[int, int], KVCache] = {}  # new_kv_cache(reuse=True); not module state
 
     @property
     def device(self) -> torch.device:
@@ -387,17 +320,32 @@ class PaliGemmaForConditionalGeneration(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.language_model.model.embed_tokens.weight.dtype
 
-    def new_kv_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """A cache sized for `max_seq_len` positions (prompt + new tokens) on the model's device and dtype."""
-        return KVCache(self.config.text_config, batch_size, max_seq_len, self.dtype, self.device)
+    def new_kv_cache(self, batch_size: int, max_seq_len: int, reuse: bool = False) -> KVCache:
+        """A cache sized for `max_seq_len` positions (prompt + new tokens) on the model's device and dtype.
+
+        reuse=True (for a compiled decode step): the model keeps one cache per (batch_size, max_seq_len rounded
+        up to 256) and hands the same one out again, zeroed in place, its buffers marked as static addresses, so
+        CUDA graphs recorded for it stay valid across calls and few lengths need their own graph. (Stale values
+        would sit at masked positions, but a NaN there would still leak through the attention's matmul.)
+        """
+        if not reuse:
+            return KVCache(self.config.text_config, batch_size, max_seq_len, self.dtype, self.device)
+        size = -(-max_seq_len // 256) * 256
+        cache = self._reused_caches.get((batch_size, size))
+        if cache is None or cache.k_cache.dtype != self.dtype or cache.k_cache.device != self.device:
+            cache = self._reused_caches[(batch_size, size)] = self.new_kv_cache(batch_size, size)
+            for buf in cache.buffers():
+                torch._dynamo.mark_static_address(buf)  # updated in place by the graph, never reallocated
+        for buf in cache.buffers():
+            buf.zero_()
+        return cache
 
     def get_image_features(self, pixel_values: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, 3, S, S) -> (B, num_image_tokens, text hidden): vision tower then projector, no scaling."""
         return self.multi_modal_projector(self.vision_tower(pixel_values, compute_dtype))
 
-    def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, compute_dtype: torch.dtype | None = None
-    ) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Token embeddings with the image features placed at the <image> positions. (B, T, D)"""
         embed_tokens = self.language_model.model.embed_tokens
         is_image = input_ids == self.config.image_token_index
@@ -419,18 +367,11 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             x = x.masked_scatter(is_image[..., None], feats)
         return x
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        input_pos: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        prefix_len: int | torch.Tensor | None = None,
-        num_logits_to_keep: int = 0,
-        compute_dtype: torch.dtype | None = None,
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0,
+                compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Run the decoder over `input_ids` (B, T) and return {"logits": (B, T or num_logits_to_keep, V)}.
 
         input_ids: token ids with `<image>` × N where images go; pixel_values: (B, 3, S, S) or None once the
@@ -442,38 +383,6 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         activations and arithmetic use (default: the weights'); weights of another dtype are cast per layer, the
         KV cache keeps its own dtype. generate_ids prefills bf16 weights in float32 on CPUs without bf16 arithmetic.
         """
-        B, T = input_ids.shape
-        device = input_ids.device
-        if input_pos is None:
-            if kv_cache is not None:
-                raise ValueError("input_pos (the cache positions of these tokens) is required with kv_cache")
-            input_pos = torch.arange(T, device=device)
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
-        if position_ids is None:
-            position_ids = input_pos[None].expand(B, T)
-
         x = self.embed(input_ids, pixel_values, compute_dtype)
-        text = self.config.text_config
-        if kv_cache is not None:
-            key_valid = kv_cache.update_mask(input_pos, attention_mask)
-            key_pos = torch.arange(kv_cache.max_seq_len, device=device)
-        else:
-            key_valid, key_pos = attention_mask.to(torch.bool), input_pos
-        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, text.sliding_window)
-        cos_sin = rope_cos_sin(position_ids, text.head_dim, text.rope_theta, x.dtype)
-
-        lm = self.language_model.model
-        for layer in lm.layers:
-            x = layer(x, cos_sin, masks, input_pos, kv_cache)
-        if num_logits_to_keep:
-            x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
-        x = lm.norm(x)
-        # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
-        # 257k x hidden weight to x's (a float32 copy of it would be 2 GB).
-        logits = linear(x.to(lm.embed_tokens.weight.dtype), lm.embed_tokens.weight)
-        if text.final_logit_softcapping is not None:
-            c = text.final_logit_softcapping
-            logits = torch.tanh(logits / c) * c
-        return {"logits": logits}
-
+        return {"logits": self.language_model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len,
+                                              num_logits_to_keep)}

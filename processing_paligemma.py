@@ -23,6 +23,15 @@ class ProcessorError(ValueError):
     """Bad input to the processor (wrong types, counts or an image that cannot be converted)."""
 
 
+def image_token_id(tokenizer) -> int:
+    """The id of `<image>` in `tokenizer` (transformers adds it to PaliGemma's SentencePiece vocabulary); raises
+    ProcessorError for a tokenizer without it, i.e. not a PaliGemma checkpoint's."""
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ProcessorError("the tokenizer has no <image> token; use a PaliGemma checkpoint's tokenizer")
+    return token_id
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB, compositing transparency onto white (as transformers' convert_to_rgb does).
 
@@ -68,9 +77,7 @@ class PaliGemmaProcessor:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_size = image_size
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ProcessorError("the tokenizer has no <image> token; use a PaliGemma checkpoint's tokenizer")
+        self.image_token_id = image_token_id(tokenizer)
         self.bos_token_id = tokenizer.bos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.newline_id = self._encode("\n")
@@ -89,12 +96,9 @@ class PaliGemmaProcessor:
         text = prompt if prompt.endswith("\n") else prompt + "\n"
         return [self.image_token_id] * self.num_image_tokens + [self.bos_token_id] + self._encode(text)
 
-    def __call__(
-        self,
-        text: Sequence[str] | str,
-        images: Sequence[Image.Image] | Image.Image,
-        padding: str = "longest",
-    ) -> dict[str, torch.Tensor]:
+    def __call__(self, text: Sequence[str] | str,
+                 images: Sequence[Image.Image] | Image.Image) -> dict[str, torch.Tensor]:
+        """One prompt per image (a single str and image are a batch of one) -> the tensors described above."""
         prompts = [text] if isinstance(text, str) else list(text)
         imgs = [images] if isinstance(images, Image.Image) else list(images)
         if len(prompts) != len(imgs):

@@ -1,4 +1,5 @@
-"""Config parsing and strict, low-memory safetensors loading for hub-layout PaliGemma checkpoints.
+"""Config parsing, strict low-memory safetensors loading of hub-layout PaliGemma checkpoints, and the device/dtype
+decision (`resolve_device_dtype`, the one place it is made).
 
 `load_hf_model(path, device)` takes a checkpoint directory or a hub id (`google/paligemma-3b-mix-224`, resolved
 through the Hugging Face cache by `resolve_model_path`), reads a sparse hub `config.json` (absent fields take
@@ -20,13 +21,17 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from modeling_gemma import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from modeling_siglip import ONEDNN_LINEAR, SiglipVisionConfig, cpu_has_bf16_arithmetic, pack_linear_weights
+import ops
+from configuration_paligemma import GEMMA2_DEFAULTS, GemmaConfig, PaliGemmaConfig
+from modeling_gemma import PaliGemmaForConditionalGeneration
+from modeling_siglip import SiglipVisionConfig
+from processing_paligemma import ProcessorError, image_token_id
 
 # Converting a float32 checkpoint to bf16 (or copying to a GPU) reads through one staging buffer of this many
 # bytes, so the 2.1 GB float32 embedding never exists in host memory beside its converted copy.
@@ -41,11 +46,6 @@ class CheckpointError(ValueError):
 # config.json -> PaliGemmaConfig
 # ---------------------------------------------------------------------------------------------------------------
 
-# Gemma 2 defaults, for fields PaliGemma 2 hub configs leave out (e.g. the 3B omits heads and head_dim).
-_GEMMA2_DEFAULTS = dict(
-    num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
-)
 # Fields every released config lists; guessing them would only turn a broken config into shape errors.
 _REQUIRED_TEXT = ("hidden_size", "intermediate_size", "num_hidden_layers")
 _REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers")
@@ -83,7 +83,7 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
         raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")
     # hidden_activation / hidden_act are ignored on purpose: every PaliGemma uses tanh-approximate GELU, and
     # old Gemma configs say "gelu" while meaning exactly that.
-    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, _GEMMA2_DEFAULTS if text_type == "gemma2" else None))
+    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, GEMMA2_DEFAULTS if text_type == "gemma2" else None))
     vis_cfg = SiglipVisionConfig(**_pick(vision, SiglipVisionConfig))
     eos = cfg.get("eos_token_id", 1)
     top = {
@@ -187,8 +187,8 @@ class _ShardReader:
 
     Used when the stored dtype or device differs from the target. Converting through safetensors' zero-copy
     slices would fault the whole float32 shard into this process's memory map (counted in RSS until the file
-    closes: a float32 checkpoint loaded as bf16 peaked at 1.78x the bf16 weights). Plain reads keep the peak at
-    the converted weights plus one staging buffer.
+    closes, so a float32 checkpoint loaded as bf16 would peak far above the bf16 weights). Plain reads keep the
+    peak at the converted weights plus one staging buffer.
     """
 
     def __init__(self, path: Path):
@@ -222,12 +222,6 @@ class _ShardReader:
 
     def close(self) -> None:
         self.file.close()
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (exact, the parity-tested mode; --dtype bfloat16 is faster, see README "Speed"); bfloat16 on
-    CUDA and MPS."""
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
 def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype,
@@ -314,9 +308,11 @@ def load_tokenizer(model_path, config: PaliGemmaConfig):
             f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "the directory needs tokenizer.json or tokenizer.model with tokenizer_config.json"
         ) from None
-    image_id = tok.convert_tokens_to_ids("<image>")
-    if image_id is None or image_id == tok.unk_token_id:
-        raise CheckpointError(f"the tokenizer in {model_path} has no <image> token; use the checkpoint's own tokenizer")
+    try:
+        image_id = image_token_id(tok)
+    except ProcessorError:
+        raise CheckpointError(
+            f"the tokenizer in {model_path} has no <image> token; use the checkpoint's own tokenizer") from None
     if image_id != config.image_token_index:
         raise CheckpointError(
             f"the tokenizer maps <image> to {image_id} but config.json says image_token_index "
@@ -325,40 +321,39 @@ def load_tokenizer(model_path, config: PaliGemmaConfig):
     return tok
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`None`/"auto" -> CUDA, else MPS, else CPU. An explicit device that is not available is an error."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
-    return dev
-
-
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None -> the device default; a name from DTYPES or a torch float dtype otherwise."""
+def resolve_device_dtype(device: str | torch.device | None = None,
+                         dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """The one place device and dtype are decided (the CLI and load_hf_model both ask here).
+
+    device: None or "auto" -> CUDA, else MPS, else CPU; an explicit device that is not available is an error.
+    dtype: None -> float32 on CPU (exact, the parity-tested mode; bfloat16 is faster), bfloat16 on CUDA and MPS;
+    otherwise a name from DTYPES or a torch float dtype. Raises ValueError with one line for what does not exist.
+    """
+    if device is None or str(device) == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                           else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
     if dtype is None:
-        return default_dtype(device)
+        return dev, torch.float32 if dev.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return dev, dtype
     if str(dtype) not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return DTYPES[str(dtype)]
+    return dev, DTYPES[str(dtype)]
 
 
 # owner/name as the hub spells repo ids: letters, digits, "-", "_", "." (no "--" or ".."), at most 96 each.
@@ -378,7 +373,7 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
     text = os.fspath(model_path)
     if Path(text).exists() or not _HUB_ID.fullmatch(text):
         return Path(text)  # a local directory always wins over a hub id of the same spelling
-    from huggingface_hub import constants, snapshot_download  # only when a hub id is used: ~0.2 s import
+    from huggingface_hub import constants, snapshot_download  # only when a hub id is used: a slow import
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = constants.HF_HUB_CACHE
@@ -409,21 +404,17 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
                               "downloaded checkpoint directory") from None
 
 
-def load_hf_model(
-    model_path: str | os.PathLike,
-    device: str | torch.device | None = "cpu",
-    dtype: str | torch.dtype | None = None,
-    progress: bool = True,
-    pack: bool | None = False,
-):
+def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | None = "cpu",
+                  dtype: str | torch.dtype | None = None, progress: bool = True,
+                  pack: bool | None = False) -> tuple[PaliGemmaForConditionalGeneration, Any]:
     """Load a PaliGemma checkpoint -> (model in eval mode, tokenizer).
 
     model_path: a directory in the hub layout, or a hub id such as "google/paligemma-3b-mix-224" (see
     resolve_model_path; a local directory of that name wins). device: "cpu", "cuda", "mps", or None for the best
     available. dtype: default float32 on CPU, bfloat16 on CUDA/MPS. progress: a loading bar on stderr. pack:
-    repack bf16 CPU weights for oneDNN (modeling_siglip.pack_linear_weights: ~1.5x faster decode, inference
-    only, the weights become opaque; the CLI passes None); None = when loading bf16 onto a CPU with bf16
-    arithmetic. Default False: notebooks get ordinary dense weights.
+    repack bf16 CPU weights for oneDNN (ops.pack_linear_weights: faster decode, same results, inference
+    only, the weights become opaque; the CLI passes None); None = where it pays (ops.packing_pays: bf16 onto a
+    CPU with bf16 arithmetic, oneDNN switched on). Default False: notebooks get ordinary dense weights.
     Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.
     """
     root = resolve_model_path(model_path)
@@ -433,8 +424,7 @@ def load_hf_model(
             "google/paligemma-3b-mix-224")
     if not root.is_dir():
         raise CheckpointError(f"model path {root} is a file; give the checkpoint directory that contains it")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dev, dt = resolve_device_dtype(device, dtype)
     config = load_config(root)
     tokenizer = load_tokenizer(root, config)
     with torch.device("meta"):
@@ -447,7 +437,7 @@ def load_hf_model(
         load_weights(model, root, dev, dt, bar.update)
     model.eval().requires_grad_(False)
     if pack is None:
-        pack = ONEDNN_LINEAR and dev.type == "cpu" and dt == torch.bfloat16 and cpu_has_bf16_arithmetic()
+        pack = ops.packing_pays(dev, dt)
     if pack:
-        pack_linear_weights(model)
+        ops.pack_linear_weights(model)
     return model, tokenizer

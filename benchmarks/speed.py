@@ -19,10 +19,11 @@ against transformers' fastest CPU setting):
   (CPU: a streaming sum over 2 GB) or a device-to-device copy (CUDA), measured in the same invocation.
 
 Ablation rows (`--ablate`) rerun ours with one optimisation switched off, so the table shows what each bought:
-`ATen/MKL float32 linear` (ATen's default matmul kernels instead of oneDNN), `1 thread`, `logits at every
-prompt position` (the 257k-row LM head over all 260 prompt positions instead of the last), `fp32 prefill` /
-`bf16 prefill` (the arithmetic dtype of the prefill of bf16 weights; the default picks per CPU), `bf16 weights
-not packed` (bf16 Linear weights left in the checkpoint's layout instead of oneDNN's blocked one). A second
+`ATen/MKL float32 linear` (ATen's default matmul kernels instead of oneDNN: `ops.ONEDNN_LINEAR = False`, which
+also leaves bf16 weights unpacked), `1 thread`, `logits at every prompt position` (the 257k-row LM head over all
+260 prompt positions instead of the last), `fp32 prefill` / `bf16 prefill` (the arithmetic dtype of the prefill of
+bf16 weights; the default picks per CPU), `bf16 weights not packed` (bf16 Linear weights left in the checkpoint's
+layout instead of oneDNN's blocked one). A second
 table times q/k/v and gate/up as separate matmuls vs one fused matmul (what fusing the projections would buy).
 `--repeat N` runs N whole rounds and reports medians.
 
@@ -107,14 +108,13 @@ def _ours(args, device, dtype):
     import torch
 
     sys.path.insert(0, str(REPO))
-    import inference
+    import generation
+    import ops
     import utils
-    from inference import generate_ids
+    from generation import generate_ids
 
-    if args.aten_linear:  # ablation: ATen's default float32 matmuls (MKL) instead of oneDNN
-        import modeling_siglip
-
-        modeling_siglip.ONEDNN_LINEAR = False
+    if args.aten_linear:  # ablation: ATen's default float32 matmuls (MKL) instead of oneDNN, and no packing
+        ops.ONEDNN_LINEAR = False
     # pack=None: as the CLI does (bf16 weights packed for oneDNN on CPUs with bf16 arithmetic)
     model, _tok = utils.load_hf_model(args.ckpt, device, dtype, pack=False if args.unpacked else None)
     prefill_dtype = getattr(torch, args.prefill_dtype) if args.prefill_dtype else None
@@ -125,7 +125,7 @@ def _ours(args, device, dtype):
                         position_ids=position_ids, compute_dtype=compute_dtype)
             return out["logits"][:, -1]
 
-        inference.prefill = prefill_all
+        generation.prefill = prefill_all  # generate_ids looks prefill up in generation at call time
 
     def gen(inputs, n, clock=None):
         return generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
@@ -289,7 +289,7 @@ def gemv_bandwidth(device: str, dtype_name: str) -> float:
     import torch.nn.functional as F
 
     sys.path.insert(0, str(REPO))
-    from modeling_siglip import linear
+    from ops import linear
 
     dtype = getattr(torch, dtype_name)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -1,5 +1,6 @@
 """The CLI, run as a subprocess with the seed's exact flags, prints what greedy generation in Python prints."""
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +50,21 @@ def test_compile_on_cpu_runs_eager_with_a_note(checkpoint, tmp_path):
     assert compiled.returncode == 0, compiled.stderr
     assert "note: --compile pays only on CUDA (CUDA graphs); running eager on cpu" in compiled.stderr
     assert compiled.stdout == eager.stdout
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_on_stdout_with_required_flags_defaults_examples_and_exit_codes(flag):
+    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), flag], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PAGER": "false"})  # a pager would fail the run
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("usage: python inference.py --model_path PATH --image_file_path IMAGE")
+    assert not run.stdout.startswith("INFO:")
+    flag_lines = {line.split("=")[0].split()[-1]: line for line in lines if line.lstrip().startswith(("-", "--"))}
+    assert flag_lines["--model_path"].endswith("(required)")
+    assert flag_lines["--image_file_path"].endswith("(required)")
+    assert flag_lines["--max_tokens_to_generate"].endswith("(default: 100)")
+    assert flag_lines["--prompt"].endswith('(default: "")') and "-p, --prompt" in flag_lines["--prompt"]
+    assert flag_lines["--stream"].endswith("(default: True)")
+    assert sum(line.startswith("  python inference.py --model_path ") for line in lines) == 3
+    assert "exit codes:" in run.stdout and "2 bad input" in run.stdout and "130 interrupted" in run.stdout

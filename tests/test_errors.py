@@ -368,7 +368,7 @@ def test_bad_new_flag(ckpt, jpg, tmp_path, monkeypatch, capsys, case):
 def test_text_flags_are_not_parsed_as_python_literals(ckpt, jpg, monkeypatch, capsys):
     """fire would turn --prompt 1e3 into 1000.0 and [1,2] into a list; the prompt must reach the model verbatim."""
     seen = []
-    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, *a: seen.extend(prompts) or ["ok"])
+    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, *a, **k: seen.extend(prompts) or ["ok"])
     for prompt in ["1e3", "[1,2]", "None", "'quoted'", "-5"]:
         inference.cli(["--model_path", str(ckpt), "--image_file_path", str(jpg), "--prompt", prompt])
     assert seen == ["1e3", "[1,2]", "None", "'quoted'", "-5"]

@@ -7,9 +7,8 @@ import torch
 from conftest import random_image
 from reference import hf_model, rel_err
 
-import inference
-import modeling_siglip
-import utils
+import generation
+import ops
 from inference import auto_prefill_dtype, generate_ids, make_processor, prefill
 from utils import load_hf_model
 
@@ -79,10 +78,10 @@ def test_auto_prefill_dtype_follows_the_cpu(checkpoint, monkeypatch):
     bf16, _ = load_hf_model(path, "cpu", torch.bfloat16)
     fp16, _ = load_hf_model(path, "cpu", torch.float16)
     assert auto_prefill_dtype(fp32) == torch.float32
-    monkeypatch.setattr(inference, "cpu_has_bf16_arithmetic", lambda: True)
+    monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: True)
     assert auto_prefill_dtype(bf16) == torch.bfloat16
     assert auto_prefill_dtype(fp16) == torch.float32  # no CPU has fast fp16 matmuls in oneDNN
-    monkeypatch.setattr(inference, "cpu_has_bf16_arithmetic", lambda: False)
+    monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: False)
     assert auto_prefill_dtype(bf16) == torch.float32
 
 
@@ -97,14 +96,15 @@ def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
     eos = every_step[0, 5].item()
     args = (model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 40)
     dense = generate_ids(*args, eos_token_ids=[eos], pad_token_id=0)
-    monkeypatch.setitem(inference._EOS_CHECK_EVERY, "cpu", 8)
+    monkeypatch.setitem(generation._EOS_CHECK_EVERY, "cpu", 8)
     sparse = generate_ids(*args, eos_token_ids=[eos], pad_token_id=0)
     assert sparse.shape[1] >= dense.shape[1]
     assert torch.equal(sparse[:, : dense.shape[1]], dense)
     assert (sparse[:, dense.shape[1]:] == 0).all()  # only padding after the last EOS
 
 
-@pytest.mark.skipif(not modeling_siglip.ONEDNN_LINEAR, reason="oneDNN weight packing needs an x86 CPU build")
+@pytest.mark.skipif(not ops.ONEDNN_LINEAR or not ops.can_pack_bf16(),
+                    reason="oneDNN bf16 weight packing needs an x86 CPU with AVX-512 or AVX-NE-CONVERT")
 def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
     """pack_linear_weights only changes the memory layout: logits and greedy ids are bit-identical, and the
     float32 prefill (which unpacks) still works. load_hf_model packs by default only where it pays."""
@@ -112,7 +112,7 @@ def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
     dense, tok = load_hf_model(path, "cpu", torch.bfloat16, pack=False)
     packed, _ = load_hf_model(path, "cpu", torch.bfloat16, pack=True)
     assert not any(p.is_mkldnn for p in dense.parameters())
-    n_linear = sum(isinstance(m, modeling_siglip.Linear) for m in packed.modules())
+    n_linear = sum(isinstance(m, ops.Linear) for m in packed.modules())
     assert sum(p.is_mkldnn for p in packed.parameters()) == n_linear
     inputs = _batch(make_processor(dense, tok))
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
@@ -122,8 +122,22 @@ def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
     assert generate_ids(packed, *args, 4, prefill_dtype=torch.float32).shape == (2, 4)
     # pack=None (what the CLI passes): only bf16 on a CPU with bf16 arithmetic; the Python default stays dense.
     assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16)[0].parameters())
-    monkeypatch.setattr(utils, "cpu_has_bf16_arithmetic", lambda: False)
+    monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: False)
     assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16, pack=None)[0].parameters())
-    monkeypatch.setattr(utils, "cpu_has_bf16_arithmetic", lambda: True)
+    monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: True)
     assert any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16, pack=None)[0].parameters())
     assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.float32, pack=None)[0].parameters())
+
+
+def test_onednn_off_switch_also_stops_packing(checkpoint, monkeypatch):
+    """ops.ONEDNN_LINEAR = False means ATen's kernels everywhere: it is read at call time, so load_hf_model(pack=None)
+    stops packing too (a copy taken at import once kept packing on)."""
+    monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: True)
+    monkeypatch.setattr(ops, "can_pack_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", True)
+    assert ops.packing_pays(cpu, torch.bfloat16)
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
+    assert not ops.packing_pays(cpu, torch.bfloat16)
+    path = checkpoint("pg2-legacy-gqa-224")
+    assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16, pack=None)[0].parameters())

@@ -90,7 +90,7 @@ def test_files_and_globs_keep_the_input_order(ckpt, folder, capsys, tmp_path):
 
 def test_boxes_are_in_each_images_own_pixels(ckpt, folder, capsys, monkeypatch, tmp_path):
     answer = "<loc0000><loc0000><loc1023><loc0511> left half ; <loc0256><loc0256><loc0767><loc0767> middle"
-    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, images, *a: [answer] * len(prompts))
+    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, images, *a, **k: [answer] * len(prompts))
     out_dir = tmp_path / "drawn"
     out_dir.mkdir()
     code, out, _ = cli(capsys, "--model_path", ckpt, "--prompt", "detect left half ; middle", "--image_file_path",
@@ -111,7 +111,7 @@ def test_single_image_json_and_drawing(ckpt, capsys, monkeypatch, tmp_path):
     image = tmp_path / "img.jpg"
     random_image(4, (90, 60)).save(image)
     answer = "<loc0100><loc0200><loc0900><loc0800> cat ; <loc0001><loc0002> dog"
-    monkeypatch.setattr(inference, "generate", lambda *a: [answer])
+    monkeypatch.setattr(inference, "generate", lambda *a, **k: [answer])
     drawn = tmp_path / "boxes.png"
     code, out, err = cli(capsys, "--model_path", ckpt, "--prompt", "detect cat ; dog", "--image_file_path", image,
                          "--json", "--output_image", drawn)

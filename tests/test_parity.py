@@ -44,10 +44,10 @@ def test_prefill_bit_exact_with_atens_kernels(pair, monkeypatch):
     """Our CPU float32 matmuls go through oneDNN (faster, another summation order: ~1e-6 above). With ATen's
     default kernels, the ones transformers uses, the prefill must match it bit for bit: everything else (RoPE
     angles, norms, masks, scaling) is then computed exactly as the reference computes it."""
-    import modeling_siglip
+    import ops
 
     model, proc, ref, _, name = pair
-    monkeypatch.setattr(modeling_siglip, "ONEDNN_LINEAR", False)
+    monkeypatch.setattr(ops, "ONEDNN_LINEAR", False)
     inputs = proc(text=[PROMPTS[1]], images=[random_image(4)])
     with torch.no_grad():
         ours = model(inputs["input_ids"], inputs["pixel_values"])["logits"]

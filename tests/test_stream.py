@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+import generation
 import inference
 from inference import TextStream, decode_text, generate, make_processor
 from utils import load_hf_model
@@ -99,7 +100,7 @@ def test_cli_writes_text_while_generating(ckpt, tmp_path, monkeypatch, capsys, t
             seen.append(capsys.readouterr().out)
         return torch.tensor([forced])
 
-    monkeypatch.setattr(inference, "generate_ids", fake_generate_ids)
+    monkeypatch.setattr(generation, "generate_ids", fake_generate_ids)
     image = tmp_path / "x.png"
     random_image(0).save(image)
     inference.cli(["--model_path", str(ckpt), "--image_file_path", str(image), "--stream", str(stream)])
