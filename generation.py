@@ -123,6 +123,19 @@ def compiled_decode_step(model: PaliGemmaForConditionalGeneration) -> Callable[.
     return _compiled_decode_step(model.device.type)
 
 
+@functools.cache
+def _compiled_prefill() -> Callable[..., torch.Tensor]:
+    # Graph breaks allowed: the embedding's <image>-count check reads a value. CUDA graphs per prompt shape.
+    return torch.compile(prefill, mode="reduce-overhead")
+
+
+def prefill_fn(model: PaliGemmaForConditionalGeneration, compile: bool) -> Callable[..., torch.Tensor]:
+    """The prefill to run: compiled ("reduce-overhead", CUDA graphs) when compile=True on CUDA, where the eager
+    prefill is launch-bound (its ~1000 small kernels take longer to launch than to run); eager elsewhere, where
+    it is compute-bound and compiling would only cost time. Each new prompt shape records its own graphs."""
+    return _compiled_prefill() if compile and model.device.type == "cuda" else prefill
+
+
 # On an accelerator, reading `finished.all()` waits for the GPU; checking EOS every few steps keeps the host
 # ahead of the device. Rows that finished meanwhile only get padding, so the output is the same.
 _EOS_CHECK_EVERY = {"cpu": 1}
@@ -155,7 +168,8 @@ def generate_ids(
     list ignores EOS (benchmarks force a fixed length that way). on_token, if given, is called with each step's
     tokens (B,) as soon as they are chosen (streaming); rows already finished hold pad_token_id. compile: run the
     decode step through torch.compile (worth it on CUDA: one CUDA graph per token; the first call compiles for a
-    while). prefill_dtype: arithmetic dtype of the prefill, default auto_prefill_dtype(model).
+    while), and on CUDA the prefill too (see prefill_fn). prefill_dtype: arithmetic dtype of the prefill, default
+    auto_prefill_dtype(model).
     """
     loose = SamplingConfig(max_new_tokens, do_sample, temperature, top_p, top_k, seed)
     if sampling is None:
@@ -189,8 +203,8 @@ def generate_ids(
     # RoPE positions count real tokens only, so a left-padded row sees the same positions as it would alone.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
-    logits = prefill(model, input_ids, pixel_values, attention_mask, cache, position_ids,
-                     prefill_dtype or auto_prefill_dtype(model))
+    logits = prefill_fn(model, compile)(model, input_ids, pixel_values, attention_mask, cache, position_ids,
+                                        prefill_dtype or auto_prefill_dtype(model))
     step_fn = compiled_decode_step(model) if compile else decode_one_token
     check_every = _EOS_CHECK_EVERY.get(device.type, 8)
 
