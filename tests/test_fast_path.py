@@ -1,6 +1,7 @@
 """The fast paths give the same answers: compiled decode step, float32 prefill of bf16 weights, sparse EOS checks."""
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,3 +142,15 @@ def test_onednn_off_switch_also_stops_packing(checkpoint, monkeypatch):
     assert not ops.packing_pays(cpu, torch.bfloat16)
     path = checkpoint("pg2-legacy-gqa-224")
     assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16, pack=None)[0].parameters())
+
+
+def test_compile_compiles_the_prefill_on_cuda_only():
+    """compile=True: the prefill goes through torch.compile where it is launch-bound (CUDA), stays eager elsewhere
+    (tests/test_cuda.py runs the compiled prefill against eager on a GPU)."""
+    import generation
+
+    on = lambda kind: SimpleNamespace(device=torch.device(kind))  # noqa: E731 — only .device is read
+    assert generation.prefill_fn(on("cpu"), True) is generation.prefill
+    assert generation.prefill_fn(on("cuda"), False) is generation.prefill
+    compiled = generation.prefill_fn(on("cuda"), True)
+    assert compiled is not generation.prefill and compiled is generation.prefill_fn(on("cuda"), True)
