@@ -45,12 +45,11 @@ def test_compiled_decode_matches_eager_and_transformers(checkpoint, name):
         assert len(set(theirs)) >= 4, "degenerate reference output proves little"
 
 
-def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(checkpoint):
+def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(ckpt):
     """bf16 weights prefilled with compute_dtype=float32 match a float32 model holding the same (bf16-rounded)
     weights far more closely than the bf16 prefill does: the arithmetic really ran in float32."""
-    path = checkpoint("pg1-legacy-mqa-224")
-    bf16, tok = load_hf_model(path, "cpu", torch.bfloat16)
-    exact, _ = load_hf_model(path, "cpu", torch.float32)
+    bf16, tok = load_hf_model(ckpt, "cpu", torch.bfloat16)
+    exact, _ = load_hf_model(ckpt, "cpu", torch.float32)
     with torch.no_grad():
         for p_exact, p_bf16 in zip(exact.parameters(), bf16.parameters(), strict=True):
             p_exact.copy_(p_bf16.float())  # the same weights, exactly representable in both
@@ -73,11 +72,10 @@ def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(checkpoint):
     assert err_fp32 < err_bf16 / 2
 
 
-def test_auto_prefill_dtype_follows_the_cpu(checkpoint, monkeypatch):
-    path = checkpoint("pg1-legacy-mqa-224")
-    fp32, _ = load_hf_model(path, "cpu", torch.float32)
-    bf16, _ = load_hf_model(path, "cpu", torch.bfloat16)
-    fp16, _ = load_hf_model(path, "cpu", torch.float16)
+def test_auto_prefill_dtype_follows_the_cpu(ckpt, monkeypatch):
+    fp32, _ = load_hf_model(ckpt, "cpu", torch.float32)
+    bf16, _ = load_hf_model(ckpt, "cpu", torch.bfloat16)
+    fp16, _ = load_hf_model(ckpt, "cpu", torch.float16)
     assert auto_prefill_dtype(fp32) == torch.float32
     monkeypatch.setattr(inference, "cpu_has_bf16_arithmetic", lambda: True)
     assert auto_prefill_dtype(bf16) == torch.bfloat16
@@ -86,11 +84,10 @@ def test_auto_prefill_dtype_follows_the_cpu(checkpoint, monkeypatch):
     assert auto_prefill_dtype(bf16) == torch.float32
 
 
-def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
+def test_sparse_eos_checks_give_the_same_ids(ckpt, monkeypatch):
     """On an accelerator EOS is checked every 8 steps (no host sync per token); rows that ended meanwhile only
     get padding. Force that schedule on the CPU: every row's ids up to its EOS must be unchanged."""
-    path = checkpoint("pg1-legacy-mqa-224")
-    model, tok = load_hf_model(path, "cpu")
+    model, tok = load_hf_model(ckpt, "cpu")
     inputs = _batch(make_processor(model, tok))
     every_step = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 40)
     # Make a token of row 0's greedy output the EOS, so that row stops early and the other does not.

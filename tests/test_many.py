@@ -4,24 +4,17 @@ interpreter start-up each); the folder run is a real subprocess."""
 
 import inspect
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, random_image
+from conftest import cli_in_process as cli
+from conftest import random_image, run_cli
 from PIL import Image
 
 import inference
 from processing_paligemma import draw_detections, parse_detections
 
-NAME = "pg1-legacy-mqa-224"
 SIZES = [(64, 48), (30, 90), (120, 40), (50, 50)]
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(NAME)
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +30,6 @@ def folder(tmp_path_factory):
     return d
 
 
-def cli(capsys, *args):
-    """inference.cli in-process -> (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        inference.cli([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def single(capsys, ckpt, image, prompt="caption en", n=12):
     code, out, err = cli(capsys, "--model_path", ckpt, "--prompt", prompt, "--image_file_path", image,
                          "--max_tokens_to_generate", n, "--stream", "False")
@@ -56,9 +38,8 @@ def single(capsys, ckpt, image, prompt="caption en", n=12):
 
 
 def test_folder_run_one_line_per_image_one_error(ckpt, folder, capsys):
-    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--model_path", str(ckpt), "--prompt",
-                          "caption en", "--image_file_path", str(folder), "--max_tokens_to_generate", "12",
-                          "--batch_size", "2"], capture_output=True, text=True, timeout=180)
+    run = run_cli("--model_path", ckpt, "--prompt", "caption en", "--image_file_path", folder,
+                  "--max_tokens_to_generate", "12", "--batch_size", "2")
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert [line["path"] for line in lines] == [str(folder / n) for n in ["a.png", "b.jpg", "c.jpg", "d.png",
                                                                          "e.webp"]]
@@ -139,8 +120,7 @@ def test_verbose_reports_load_first_token_and_speed(ckpt, folder, capsys):
 
 
 def test_help_documents_every_flag():
-    run = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--help"], capture_output=True, text=True,
-                         timeout=120)
+    run = run_cli("--help")
     shown = run.stdout + run.stderr  # fire writes help to stderr when it is not a terminal
     doc = inference.main.__doc__
     for name in inspect.signature(inference.main).parameters:
