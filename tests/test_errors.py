@@ -19,14 +19,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, random_image
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import inference
 from inference import load_image
-from processing_paligemma import PaliGemmaProcessor, ProcessorError
 from utils import weight_files
 
 NAME = "pg1-legacy-mqa-224"
@@ -410,48 +407,6 @@ def test_debug_shows_the_real_exception(ckpt, jpg, monkeypatch):
     monkeypatch.setattr(inference, "load_hf_model", _fail(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(torch.OutOfMemoryError):
         inference.main(str(ckpt), "caption en", str(jpg), debug=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# processor fuzz
-# ---------------------------------------------------------------------------------------------------------------
-
-MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16"]
-
-
-@st.composite
-def pil_images(draw):
-    mode = draw(st.sampled_from(MODES))
-    w, h = draw(st.integers(0, 48)), draw(st.integers(0, 48))
-    if w == 0 or h == 0:
-        return Image.new(mode, (w, h))
-    arr = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    try:
-        im = Image.fromarray(arr).convert(mode)
-    except ValueError:
-        im = Image.new(mode, (w, h))
-    if mode == "P" and draw(st.booleans()):
-        im.info["transparency"] = 0
-    return im
-
-
-@pytest.fixture(scope="module")
-def processor(ckpt):
-    from transformers import AutoTokenizer
-
-    return PaliGemmaProcessor(AutoTokenizer.from_pretrained(str(ckpt)), 16, 56)
-
-
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(image=pil_images(), prompt=st.text(max_size=40))
-def test_processor_fuzz_raises_only_processor_error(processor, image, prompt):
-    try:
-        out = processor(text=[prompt], images=[image])
-    except ProcessorError:
-        assert image.width == 0 or image.height == 0 or image.mode in ("LAB", "HSV")
-        return
-    assert out["pixel_values"].shape == (1, 3, 56, 56) and torch.isfinite(out["pixel_values"]).all()
-    assert out["input_ids"].shape[1] >= 16 + 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
