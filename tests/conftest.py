@@ -29,6 +29,10 @@ CLI = ROOT / "inference.py"
 CLI_TIMEOUT = 180  # seconds for one subprocess run of the CLI (interpreter start-up, load, a few tokens)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli_run(kind, param): the CLI run a test of test_errors.py reads")
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(name) -> path of that tiny hub-layout checkpoint (built on first use)."""
