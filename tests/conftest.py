@@ -60,6 +60,33 @@ def random_image(seed: int, size=(64, 48), mode="RGB") -> Image.Image:
     return Image.fromarray(arr, "RGB").convert(mode)
 
 
+# Greedy ids compared between two code paths (ours and transformers, batched and alone, compiled and eager, a CLI
+# run and a Python call) can only differ at a step whose two best logits are closer than the paths' logit
+# difference, where the CPU's summation order picks the winner. That difference is below TOL = 1e-5 of the largest
+# logit (test_parity.py), so a margin above NEAR_TIE (2.5 times the 2 * TOL a margin can move) cannot flip.
+NEAR_TIE = 5e-5
+
+
+def assert_no_near_ties(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, new_ids) -> None:
+    """The greedy tokens new_ids (1-D) after one unpadded prompt (1, T) are clear choices: at every step up to the
+    first EOS, our logits (teacher-forced, no cache) put the best token more than NEAR_TIE of the largest logit
+    above the runner-up. Then comparing those ids with another path's is the same on every CPU; a fixture that
+    puts a near tie among them fails here, on every CPU, saying so, instead of failing only on some."""
+    new = torch.as_tensor(new_ids).reshape(-1).tolist()
+    eos = model.config.eos_token_id
+    end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+    new = torch.tensor([new[:end]], dtype=input_ids.dtype)
+    T = input_ids.shape[1]
+    with torch.no_grad():
+        logits = model(torch.cat([input_ids, new], 1), pixel_values, prefix_len=T)["logits"][0, T - 1:T - 1 + end]
+    best = logits.float().topk(2, dim=-1).values
+    margin = (best[:, 0] - best[:, 1]) / logits.float().abs().amax(-1)
+    step = int(margin.argmin())
+    assert margin[step] > NEAR_TIE, (
+        f"near tie at step {step}: the best two logits are {margin[step]:.1e} of the largest apart, within what "
+        f"another CPU's summation order may change; pick another prompt or image for this fixture")
+
+
 def cli_command(*args) -> list[str]:
     """`python inference.py ARGS` as an argv list (paths and numbers turned into strings)."""
     return [sys.executable, str(CLI), *map(str, args)]

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, random_image
+from conftest import CHECKPOINTS, assert_no_near_ties, random_image
 from reference import hf_model, hf_processor, rel_err
 
 from inference import decode_one_token, generate_ids, make_processor, prefill
@@ -143,6 +143,7 @@ def test_greedy_32_tokens_identical(pair):
             theirs = ref.generate(**ref_in, max_new_tokens=32, do_sample=False)[0, ref_in["input_ids"].shape[1]:]
         ours = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 32)[0]
         ours = ours[: len(theirs)]  # transformers stops at EOS; we pad after it
+        assert_no_near_ties(model, inputs["input_ids"], inputs["pixel_values"], theirs)
         assert ours.tolist() == theirs.tolist()
         # The fixture's weights must make the test able to fail: a model echoing one token proves little.
         assert len(set(theirs.tolist())) >= 4, f"{name}: degenerate reference output {theirs.tolist()}"
@@ -158,4 +159,5 @@ def test_batched_equals_one_by_one(pair):
     for b in range(3):
         one = proc(text=[prompts[b]], images=[imgs[b]])
         alone = generate_ids(model, one["input_ids"], one["pixel_values"], one["attention_mask"], 16)[0]
+        assert_no_near_ties(model, one["input_ids"], one["pixel_values"], alone)
         assert together[b, : len(alone)].tolist() == alone.tolist(), f"{name} row {b}"
