@@ -102,21 +102,67 @@ def test_sparse_eos_checks_give_the_same_ids(ckpt, monkeypatch):
     assert (sparse[:, dense.shape[1]:] == 0).all()  # only padding after the last EOS
 
 
-@pytest.mark.skipif(not modeling_siglip.ONEDNN_LINEAR, reason="oneDNN weight packing needs an x86 CPU build")
-def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
-    """pack_linear_weights only changes the memory layout: logits and greedy ids are bit-identical, and the
-    float32 prefill (which unpacks) still works. load_hf_model packs by default only where it pays."""
+def _cpu_packs_bf16_weights() -> bool:
+    """Whether oneDNN can pack bf16 weights here: an x86 build (ONEDNN_LINEAR) and a CPU with AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT; torch refuses elsewhere (an AVX2-only EPYC, for one). Asked of the kernel itself."""
+    if not modeling_siglip.ONEDNN_LINEAR:
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _diverges_only_at_a_near_tie(a, b, prompt_ids, pixel_values, ids_a: list[int], ids_b: list[int]) -> None:
+    """Greedy ids of models a and b for one unpadded prompt: equal, or at the first step where they differ, a's
+    margin between the two choices is within twice the models' largest logit difference there (teacher-forced)."""
+    n = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y), None)
+    if n is None:
+        return
+    T = prompt_ids.shape[1]
+    full = torch.cat([prompt_ids, torch.tensor([ids_a[:n]], dtype=prompt_ids.dtype)], 1)
+    with torch.no_grad():
+        la, lb = (m(full, pixel_values, prefix_len=T)["logits"][0, -1].float() for m in (a, b))
+    diff = (la - lb).abs().max().item()
+    margin = (la[ids_a[n]] - la[ids_b[n]]).item()
+    assert margin <= 2 * diff, f"step {n}: {ids_a[n]} vs {ids_b[n]}, margin {margin:.3f} > 2 x difference {diff:.3f}"
+
+
+@pytest.mark.skipif(not _cpu_packs_bf16_weights(),
+                    reason="oneDNN's bf16 weight packing needs an x86 CPU with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT")
+def test_packed_bf16_weights_give_the_dense_results(checkpoint, monkeypatch):
+    """pack_linear_weights only changes the memory layout: the packed weights hold the dense weights' bits (checked
+    exactly), and the float32 prefill (which unpacks) still works. The arithmetic may differ in summation order:
+    packed and plain weights can take different oneDNN kernels (bit-identical on the AVX-512 EPYC where packing
+    was first measured; not promised elsewhere), and the tiny fixtures amplify a last-bit bf16 difference to
+    percents. So the packed logits must be as close to the float32 model's as the dense bf16 ones (within twice
+    their error, measured here on this CPU), and the greedy ids equal to the dense ones up to a near tie.
+    load_hf_model packs by default only where it pays."""
     path = checkpoint("pg2-legacy-gqa-224")
     dense, tok = load_hf_model(path, "cpu", torch.bfloat16, pack=False)
     packed, _ = load_hf_model(path, "cpu", torch.bfloat16, pack=True)
+    exact, _ = load_hf_model(path, "cpu", torch.float32)
     assert not any(p.is_mkldnn for p in dense.parameters())
     n_linear = sum(isinstance(m, modeling_siglip.Linear) for m in packed.modules())
     assert sum(p.is_mkldnn for p in packed.parameters()) == n_linear
+    with torch.no_grad():
+        for (name, d), (_, p), (_, e) in zip(dense.named_parameters(), packed.named_parameters(),
+                                             exact.named_parameters(), strict=True):
+            assert torch.equal(d, p.to_dense() if p.is_mkldnn else p), name  # the same bits, another layout
+            e.copy_(d.float())  # the float32 model holds exactly the bf16 weights
     inputs = _batch(make_processor(dense, tok))
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
+    real = inputs["attention_mask"].bool()  # padded positions hold no answer
     with torch.no_grad():
-        assert torch.equal(dense(*args)["logits"], packed(*args)["logits"])
-    assert torch.equal(generate_ids(dense, *args, 16), generate_ids(packed, *args, 16))
+        want, got_dense, got_packed = (m(*args)["logits"][real].float() for m in (exact, dense, packed))
+    err_dense, err_packed = rel_err(got_dense, want), rel_err(got_packed, want)
+    print(f"bf16 logits vs float32: dense {err_dense:.2e}, packed {err_packed:.2e}")
+    assert err_packed <= 2 * err_dense
+    ids_dense, ids_packed = generate_ids(dense, *args, 16), generate_ids(packed, *args, 16)
+    for b in range(2):
+        _diverges_only_at_a_near_tie(dense, packed, args[0][b, real[b]][None], args[1][b:b + 1],
+                                     ids_dense[b].tolist(), ids_packed[b].tolist())
     assert generate_ids(packed, *args, 4, prefill_dtype=torch.float32).shape == (2, 4)
     # pack=None (what the CLI passes): only bf16 on a CPU with bf16 arithmetic; the Python default stays dense.
     assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16)[0].parameters())
