@@ -1,5 +1,8 @@
-"""Shared fixtures: tiny random checkpoints in the hub layout, built once per test session."""
+"""Shared fixtures and helpers: tiny random checkpoints in the hub layout (built once per test session), the
+command line run as a subprocess or in-process, and noise images."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +23,14 @@ CHECKPOINTS = {
     "pg2-new-bf16-112": dict(variant="pg2", layout="new", num_key_value_heads=1, image_size=112,
                              dtype=torch.bfloat16, sliding_window=8),
 }
+DEFAULT_CHECKPOINT = "pg1-legacy-mqa-224"  # what `ckpt` gives: the tests that need just one checkpoint use it
+
+CLI = ROOT / "inference.py"
+CLI_TIMEOUT = 180  # seconds for one subprocess run of the CLI (interpreter start-up, load, a few tokens)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli_run(kind, param): the CLI run a test of test_errors.py reads")
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +46,71 @@ def checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def ckpt(checkpoint) -> Path:
+    """The default tiny checkpoint (PaliGemma 1, legacy keys, MQA, 224 px). Shared: never write into it (copy it
+    first, as the tests of broken checkpoints do)."""
+    return checkpoint(DEFAULT_CHECKPOINT)
+
+
 def random_image(seed: int, size=(64, 48), mode="RGB") -> Image.Image:
     """A deterministic noise image (noise, so resizing and colour handling are really exercised)."""
     g = torch.Generator().manual_seed(seed)
     arr = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
     return Image.fromarray(arr, "RGB").convert(mode)
+
+
+# Greedy ids compared between two code paths (ours and transformers, batched and alone, compiled and eager, a CLI
+# run and a Python call) can only differ at a step whose two best logits are closer than the paths' logit
+# difference, where the CPU's summation order picks the winner. That difference is below TOL = 1e-5 of the largest
+# logit (test_parity.py), so a margin above NEAR_TIE (2.5 times the 2 * TOL a margin can move) cannot flip.
+NEAR_TIE = 5e-5
+
+
+def assert_no_near_ties(model, input_ids: torch.Tensor, pixel_values: torch.Tensor, new_ids) -> None:
+    """The greedy tokens new_ids (1-D) after one unpadded prompt (1, T) are clear choices: at every step up to the
+    first EOS, our logits (teacher-forced, no cache) put the best token more than NEAR_TIE of the largest logit
+    above the runner-up. Then comparing those ids with another path's is the same on every CPU; a fixture that
+    puts a near tie among them fails here, on every CPU, saying so, instead of failing only on some."""
+    new = torch.as_tensor(new_ids).reshape(-1).tolist()
+    eos = model.config.eos_token_id
+    end = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+    new = torch.tensor([new[:end]], dtype=input_ids.dtype)
+    T = input_ids.shape[1]
+    with torch.no_grad():
+        logits = model(torch.cat([input_ids, new], 1), pixel_values, prefix_len=T)["logits"][0, T - 1:T - 1 + end]
+    best = logits.float().topk(2, dim=-1).values
+    margin = (best[:, 0] - best[:, 1]) / logits.float().abs().amax(-1)
+    step = int(margin.argmin())
+    assert margin[step] > NEAR_TIE, (
+        f"near tie at step {step}: the best two logits are {margin[step]:.1e} of the largest apart, within what "
+        f"another CPU's summation order may change; pick another prompt or image for this fixture")
+
+
+def cli_command(*args) -> list[str]:
+    """`python inference.py ARGS` as an argv list (paths and numbers turned into strings)."""
+    return [sys.executable, str(CLI), *map(str, args)]
+
+
+def run_cli(*args, cwd=None, env: dict | None = None, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess:
+    """`python inference.py ARGS` as a subprocess, stdout and stderr captured as text. env: variables set on top of
+    this process's environment (a value of None removes that variable)."""
+    environ = None
+    if env is not None:
+        environ = {**os.environ, **env}
+        environ = {k: v for k, v in environ.items() if v is not None}
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=environ)
+
+
+def cli_in_process(capsys, *args) -> tuple[int, str, str]:
+    """inference.cli(ARGS) in this process, the same path as the command line without ~3 s of interpreter start-up
+    -> (exit code, stdout, stderr)."""
+    import inference
+
+    code = 0
+    try:
+        inference.cli([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -2,7 +2,8 @@
 
 Every failure must end in exactly one stderr line starting with "error:" that names the cause, a non-zero exit
 code (2 for bad input) and no traceback; every valid odd input must run. Most cases run `inference.py` as a
-subprocess on a mutated copy of one tiny checkpoint; resource failures are simulated in-process.
+subprocess on a mutated copy of one tiny checkpoint (started together, in parallel: see `runs` at the end);
+resource failures are simulated in-process.
 """
 
 import json
@@ -10,31 +11,26 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, random_image
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import cli_command, random_image, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import inference
 from inference import load_image
-from processing_paligemma import PaliGemmaProcessor, ProcessorError
 from utils import weight_files
 
-NAME = "pg1-legacy-mqa-224"
 
-
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "inference.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cwd)
+def cli_run(kind: str, param: str | None = None):
+    """Marks a test that reads one CLI run, (kind, the value of its parameter `param`, or ""), through the
+    `cli_result` fixture. Only the runs of the selected tests are started (see `runs`)."""
+    return pytest.mark.cli_run(kind, param)
 
 
 def assert_error(run, code: int, *needles: str) -> str:
@@ -53,11 +49,6 @@ def assert_ok(run) -> None:
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr and "error:" not in run.stderr, run.stderr
     assert run.stdout.endswith("\n") and run.stdout.count("\n") >= 1
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(NAME)
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +132,17 @@ CHECKPOINT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
-def test_broken_checkpoint(runs, case):
-    run, unchanged = runs["ckpt", case].result()
+@cli_run("ckpt", "case")
+def test_broken_checkpoint(cli_result, case):
+    run, unchanged = cli_result
     assert_error(run, 2, *CHECKPOINT_CASES[case][1])
     assert unchanged  # nothing written into a broken checkpoint or the working directory either
 
 
 @pytest.mark.parametrize("case", ["missing", "file"])
-def test_model_path_not_a_directory(runs, case):
-    run, _ = runs["path", case].result()
+@cli_run("path", "case")
+def test_model_path_not_a_directory(cli_result, case):
+    run, _ = cli_result
     needle = "does not exist" if case == "missing" else "config.json is a file; give the checkpoint directory"
     assert_error(run, 2, needle)
 
@@ -186,8 +179,9 @@ BAD_IMAGES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_IMAGES))
-def test_bad_image(runs, case):
-    run, unchanged = runs["bad-image", case].result()
+@cli_run("bad-image", "case")
+def test_bad_image(cli_result, case):
+    run, unchanged = cli_result
     assert f"{case}.img" in assert_error(run, 2, BAD_IMAGES[case][1])
     assert "loaded" not in run.stderr and unchanged  # the image is checked before the model loads: fails fast
 
@@ -221,8 +215,9 @@ GOOD_IMAGES = {
 
 
 @pytest.mark.parametrize("name", list(GOOD_IMAGES))
-def test_odd_but_valid_image_runs(runs, name):
-    run, unchanged = runs["good-image", name].result()
+@cli_run("good-image", "name")
+def test_odd_but_valid_image_runs(cli_result, name):
+    run, unchanged = cli_result
     assert_ok(run)
     notes = [line for line in run.stderr.splitlines() if line.startswith("note:")]
     assert notes == (["note: animated.gif has 3 frames; using the first"] if name == "animated.gif" else [])
@@ -263,26 +258,30 @@ PROMPTS = {"empty": "", "unicode-emoji": "¿qué ves? 日本語の説明 🐄�
 
 
 @pytest.mark.parametrize("case", list(PROMPTS))
-def test_empty_and_unicode_prompts_run(runs, case):
-    run, unchanged = runs["prompt", case].result()
+@cli_run("prompt", "case")
+def test_empty_and_unicode_prompts_run(cli_result, case):
+    run, unchanged = cli_result
     assert_ok(run)
     assert unchanged
 
 
-def test_float16_on_cpu_runs_with_a_note(runs):
-    run, _ = runs["float16", ""].result()
+@cli_run("float16")
+def test_float16_on_cpu_runs_with_a_note(cli_result):
+    run, _ = cli_result
     assert_ok(run)
     assert "note: float16 on CPU works but is slow" in run.stderr
 
 
-def test_closed_stdout_is_one_line_not_a_traceback(runs):
-    run, unchanged = runs["closed-stdout", ""].result()
+@cli_run("closed-stdout")
+def test_closed_stdout_is_one_line_not_a_traceback(cli_result):
+    run, unchanged = cli_result
     assert_error(run, 1, "stdout was closed before the answer was written")
     assert unchanged
 
 
-def test_prompt_too_long_for_the_positions(runs):
-    assert_error(runs["too-long", ""].result()[0], 2, "exceeds the model's 8192 positions",
+@cli_run("too-long")
+def test_prompt_too_long_for_the_positions(cli_result):
+    assert_error(cli_result[0], 2, "exceeds the model's 8192 positions",
                  "lower max_tokens_to_generate")
 
 
@@ -308,20 +307,23 @@ FLAG_CASES = {
 
 
 @pytest.mark.parametrize("case", list(FLAG_CASES))
-def test_bad_flag(runs, case):
-    run, _ = runs["flag", case].result()
+@cli_run("flag", "case")
+def test_bad_flag(cli_result, case):
+    run, _ = cli_result
     assert_error(run, 2, FLAG_CASES[case][1])
     assert "loaded" not in run.stderr  # refused before loading anything
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_requested_without_cuda(runs):
-    assert_error(runs["cuda", ""].result()[0], 2, "device 'cuda' requested but CUDA is not available; use --device cpu")
+@cli_run("cuda")
+def test_cuda_requested_without_cuda(cli_result):
+    assert_error(cli_result[0], 2, "device 'cuda' requested but CUDA is not available; use --device cpu")
 
 
 @pytest.mark.parametrize("missing", ["--model_path", "--image_file_path"])
-def test_missing_required_flag(runs, missing):
-    assert_error(runs["missing", missing].result()[0], 2, f"{missing} is required")
+@cli_run("missing", "missing")
+def test_missing_required_flag(cli_result, missing):
+    assert_error(cli_result[0], 2, f"{missing} is required")
 
 
 # Flags of the many-images / output features: checked in-process through inference.cli (the same path the
@@ -413,54 +415,13 @@ def test_debug_shows_the_real_exception(ckpt, jpg, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# processor fuzz
-# ---------------------------------------------------------------------------------------------------------------
-
-MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16"]
-
-
-@st.composite
-def pil_images(draw):
-    mode = draw(st.sampled_from(MODES))
-    w, h = draw(st.integers(0, 48)), draw(st.integers(0, 48))
-    if w == 0 or h == 0:
-        return Image.new(mode, (w, h))
-    arr = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    try:
-        im = Image.fromarray(arr).convert(mode)
-    except ValueError:
-        im = Image.new(mode, (w, h))
-    if mode == "P" and draw(st.booleans()):
-        im.info["transparency"] = 0
-    return im
-
-
-@pytest.fixture(scope="module")
-def processor(ckpt):
-    from transformers import AutoTokenizer
-
-    return PaliGemmaProcessor(AutoTokenizer.from_pretrained(str(ckpt)), 16, 56)
-
-
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(image=pil_images(), prompt=st.text(max_size=40))
-def test_processor_fuzz_raises_only_processor_error(processor, image, prompt):
-    try:
-        out = processor(text=[prompt], images=[image])
-    except ProcessorError:
-        assert image.width == 0 or image.height == 0 or image.mode in ("LAB", "HSV")
-        return
-    assert out["pixel_values"].shape == (1, 3, 56, 56) and torch.isfinite(out["pixel_values"]).all()
-    assert out["input_ids"].shape[1] >= 16 + 2
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# every CLI run of this module, started together on all cores (each is ~1-4 s of mostly single-threaded imports)
+# the CLI runs of the selected tests, started together on all cores (each is ~1-4 s of mostly single-threaded
+# imports)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _closed_stdout_run(args, cwd) -> subprocess.CompletedProcess:
     """Run the CLI with its stdout pipe already closed, as `inference.py ... | head -c0` does."""
-    cmd = [sys.executable, str(ROOT / "inference.py"), *map(str, args)]
+    cmd = cli_command(*args)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered, as usual
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     proc.stdout.close()
@@ -475,46 +436,94 @@ def _job(args, watch, cwd):
     return run, unchanged
 
 
-def cli_jobs(ckpt, jpg, base) -> dict:
-    """(kind, case) -> (CLI arguments, directories that must stay unchanged); builds the inputs under base."""
+# The kinds of run, slowest (full runs) first, so that all cores stay busy to the end.
+KINDS = ["good-image", "prompt", "float16", "closed-stdout", "too-long", "ckpt", "path", "bad-image", "flag", "cuda",
+         "missing"]
+
+
+def cli_job(kind: str, case: str, ckpt: Path, jpg: Path, base: Path) -> tuple[list, list[Path]]:
+    """(CLI arguments, directories that must stay unchanged) of one run; builds its inputs under base."""
     fast = ["--max_tokens_to_generate", 2]
-    jobs = {}  # slowest (full runs) first, so both cores stay busy to the end
-    for name, make in GOOD_IMAGES.items():
-        make(base / name)
-        jobs["good-image", name] = (["--model_path", ckpt, "--image_file_path", base / name, *fast], [ckpt])
-    for case, prompt in PROMPTS.items():
-        jobs["prompt", case] = (["--model_path", ckpt, "--image_file_path", jpg, "--prompt", prompt, *fast], [ckpt])
-    jobs["float16", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--dtype", "float16", "--only_cpu",
-                            "True", *fast], [ckpt])
-    jobs["closed-stdout", ""] = (["closed-stdout", "--model_path", ckpt, "--image_file_path", jpg, *fast], [ckpt])
-    jobs["too-long", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--max_tokens_to_generate", 8000], [])
-    for case, (mutate, _) in CHECKPOINT_CASES.items():
+    if kind == "good-image":
+        GOOD_IMAGES[case](base / case)
+        return ["--model_path", ckpt, "--image_file_path", base / case, *fast], [ckpt]
+    if kind == "prompt":
+        return ["--model_path", ckpt, "--image_file_path", jpg, "--prompt", PROMPTS[case], *fast], [ckpt]
+    if kind == "float16":
+        return ["--model_path", ckpt, "--image_file_path", jpg, "--dtype", "float16", "--only_cpu", "True", *fast], \
+            [ckpt]
+    if kind == "closed-stdout":
+        return ["closed-stdout", "--model_path", ckpt, "--image_file_path", jpg, *fast], [ckpt]
+    if kind == "too-long":
+        return ["--model_path", ckpt, "--image_file_path", jpg, "--max_tokens_to_generate", 8000], []
+    if kind == "ckpt":
         path = base / "ckpt" / case
         shutil.copytree(ckpt, path)
-        mutate(path)
-        jobs["ckpt", case] = (["--model_path", path, "--image_file_path", jpg, *fast], [path])
-    jobs["path", "missing"] = (["--model_path", base / "nope", "--image_file_path", jpg], [])
-    jobs["path", "file"] = (["--model_path", ckpt / "config.json", "--image_file_path", jpg], [])
-    for case, (make, _) in BAD_IMAGES.items():
-        make(base / f"{case}.img")
-        jobs["bad-image", case] = (["--model_path", ckpt, "--image_file_path", base / f"{case}.img"], [ckpt])
-    for case, (extra, _) in FLAG_CASES.items():
-        jobs["flag", case] = (["--model_path", ckpt, "--image_file_path", jpg, *fast, *extra], [])
-    jobs["cuda", ""] = (["--model_path", ckpt, "--image_file_path", jpg, "--device", "cuda"], [])
-    jobs["missing", "--model_path"] = (["--image_file_path", jpg], [])
-    jobs["missing", "--image_file_path"] = (["--model_path", ckpt], [])
-    return jobs
+        CHECKPOINT_CASES[case][0](path)
+        return ["--model_path", path, "--image_file_path", jpg, *fast], [path]
+    if kind == "path":
+        model_path = base / "nope" if case == "missing" else ckpt / "config.json"
+        return ["--model_path", model_path, "--image_file_path", jpg], []
+    if kind == "bad-image":
+        BAD_IMAGES[case][0](base / f"{case}.img")
+        return ["--model_path", ckpt, "--image_file_path", base / f"{case}.img"], [ckpt]
+    if kind == "flag":
+        return ["--model_path", ckpt, "--image_file_path", jpg, *fast, *FLAG_CASES[case][0]], []
+    if kind == "cuda":
+        return ["--model_path", ckpt, "--image_file_path", jpg, "--device", "cuda"], []
+    if kind == "missing":
+        return (["--image_file_path", jpg] if case == "--model_path" else ["--model_path", ckpt]), []
+    raise ValueError(f"unknown kind of CLI run {kind!r}")
+
+
+def _run_key(item) -> tuple[str, str] | None:
+    """(kind, case) of the CLI run a collected test reads (its cli_run mark), or None."""
+    mark = item.get_closest_marker("cli_run")
+    if mark is None:
+        return None
+    kind, param = mark.args
+    return kind, (item.callspec.params[param] if param else "")
+
+
+def _skipped_here(item) -> bool:
+    """A skipif mark whose condition is already True (the no-CUDA test on a CUDA machine): no run to start."""
+    return any(mark.args and mark.args[0] is True for mark in item.iter_markers("skipif"))
+
+
+class Runs:
+    """(kind, case) -> future of (CompletedProcess, checkpoint and working directory unchanged), on one pool."""
+
+    def __init__(self, pool: ThreadPoolExecutor, ckpt: Path, jpg: Path, base: Path):
+        self.pool, self.ckpt, self.jpg, self.base = pool, ckpt, jpg, base
+        self.futures: dict[tuple[str, str], Future] = {}
+
+    def start(self, key: tuple[str, str]) -> Future:
+        if key not in self.futures:
+            args, watch = cli_job(*key, self.ckpt, self.jpg, self.base)
+            cwd = self.base / "cwd" / str(len(self.futures))
+            cwd.mkdir(parents=True)
+            self.futures[key] = self.pool.submit(_job, args, watch, cwd)
+        return self.futures[key]
 
 
 @pytest.fixture(scope="module")
-def runs(ckpt, jpg, tmp_path_factory):
-    """(kind, case) -> future of (CompletedProcess, checkpoint and working directory unchanged)."""
-    base = tmp_path_factory.mktemp("cli")
-    jobs = cli_jobs(ckpt, jpg, base)
+def runs(request, ckpt, jpg, tmp_path_factory):
+    """The CLI runs of this module's selected tests (what -k, -m, node ids or --deselect leave in
+    session.items), all submitted at once to a pool as wide as the machine; a run no selected test asked for is
+    started on first use."""
+    selected = [_run_key(item) for item in request.session.items
+                if item.path == request.path and not _skipped_here(item)]
+    wanted = sorted(dict.fromkeys(key for key in selected if key), key=lambda key: KINDS.index(key[0]))
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        futures = {}
-        for i, (key, (args, watch)) in enumerate(jobs.items()):
-            cwd = base / "cwd" / str(i)
-            cwd.mkdir(parents=True)
-            futures[key] = pool.submit(_job, args, watch, cwd)
-        yield futures
+        started = Runs(pool, ckpt, jpg, tmp_path_factory.mktemp("cli"))
+        for key in wanted:
+            started.start(key)
+        yield started
+
+
+@pytest.fixture
+def cli_result(request, runs):
+    """(CompletedProcess, nothing written to the checkpoint or the working directory) of this test's CLI run."""
+    key = _run_key(request.node)
+    assert key is not None, "cli_result needs a @cli_run(kind, param) mark on the test"
+    return runs.start(key).result()

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_image
+from conftest import assert_no_near_ties, random_image
 from reference import hf_model, rel_err
 
 import generation
@@ -32,7 +32,6 @@ def test_compiled_decode_matches_eager_and_transformers(checkpoint, name):
     args = (model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 24)
     eager = generate_ids(*args)
     compiled = generate_ids(*args, compile=True)
-    assert compiled.tolist() == eager.tolist()
     ref = hf_model(path)
     for b in range(2):
         keep = inputs["attention_mask"][b].bool()
@@ -41,16 +40,17 @@ def test_compiled_decode_matches_eager_and_transformers(checkpoint, name):
             theirs = ref.generate(input_ids=ids, pixel_values=inputs["pixel_values"][b:b + 1],
                                   token_type_ids=torch.zeros_like(ids), max_new_tokens=24, do_sample=False)
         theirs = theirs[0, ids.shape[1]:].tolist()
+        assert_no_near_ties(model, ids, inputs["pixel_values"][b:b + 1], theirs)
         assert compiled[b, : len(theirs)].tolist() == theirs
         assert len(set(theirs)) >= 4, "degenerate reference output proves little"
+    assert compiled.tolist() == eager.tolist()
 
 
-def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(checkpoint):
+def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(ckpt):
     """bf16 weights prefilled with compute_dtype=float32 match a float32 model holding the same (bf16-rounded)
     weights far more closely than the bf16 prefill does: the arithmetic really ran in float32."""
-    path = checkpoint("pg1-legacy-mqa-224")
-    bf16, tok = load_hf_model(path, "cpu", torch.bfloat16)
-    exact, _ = load_hf_model(path, "cpu", torch.float32)
+    bf16, tok = load_hf_model(ckpt, "cpu", torch.bfloat16)
+    exact, _ = load_hf_model(ckpt, "cpu", torch.float32)
     with torch.no_grad():
         for p_exact, p_bf16 in zip(exact.parameters(), bf16.parameters(), strict=True):
             p_exact.copy_(p_bf16.float())  # the same weights, exactly representable in both
@@ -73,11 +73,10 @@ def test_float32_prefill_of_bf16_weights_is_float32_arithmetic(checkpoint):
     assert err_fp32 < err_bf16 / 2
 
 
-def test_auto_prefill_dtype_follows_the_cpu(checkpoint, monkeypatch):
-    path = checkpoint("pg1-legacy-mqa-224")
-    fp32, _ = load_hf_model(path, "cpu", torch.float32)
-    bf16, _ = load_hf_model(path, "cpu", torch.bfloat16)
-    fp16, _ = load_hf_model(path, "cpu", torch.float16)
+def test_auto_prefill_dtype_follows_the_cpu(ckpt, monkeypatch):
+    fp32, _ = load_hf_model(ckpt, "cpu", torch.float32)
+    bf16, _ = load_hf_model(ckpt, "cpu", torch.bfloat16)
+    fp16, _ = load_hf_model(ckpt, "cpu", torch.float16)
     assert auto_prefill_dtype(fp32) == torch.float32
     monkeypatch.setattr(ops, "cpu_has_bf16_arithmetic", lambda: True)
     assert auto_prefill_dtype(bf16) == torch.bfloat16
@@ -86,11 +85,10 @@ def test_auto_prefill_dtype_follows_the_cpu(checkpoint, monkeypatch):
     assert auto_prefill_dtype(bf16) == torch.float32
 
 
-def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
+def test_sparse_eos_checks_give_the_same_ids(ckpt, monkeypatch):
     """On an accelerator EOS is checked every 8 steps (no host sync per token); rows that ended meanwhile only
     get padding. Force that schedule on the CPU: every row's ids up to its EOS must be unchanged."""
-    path = checkpoint("pg1-legacy-mqa-224")
-    model, tok = load_hf_model(path, "cpu")
+    model, tok = load_hf_model(ckpt, "cpu")
     inputs = _batch(make_processor(model, tok))
     every_step = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 40)
     # Make a token of row 0's greedy output the EOS, so that row stops early and the other does not.
@@ -104,22 +102,55 @@ def test_sparse_eos_checks_give_the_same_ids(checkpoint, monkeypatch):
     assert (sparse[:, dense.shape[1]:] == 0).all()  # only padding after the last EOS
 
 
-@pytest.mark.skipif(not ops.ONEDNN_LINEAR or not ops.can_pack_bf16(),
-                    reason="oneDNN bf16 weight packing needs an x86 CPU with AVX-512 or AVX-NE-CONVERT")
-def test_packed_bf16_weights_give_identical_results(checkpoint, monkeypatch):
-    """pack_linear_weights only changes the memory layout: logits and greedy ids are bit-identical, and the
-    float32 prefill (which unpacks) still works. load_hf_model packs by default only where it pays."""
+def _diverges_only_at_a_near_tie(a, b, prompt_ids, pixel_values, ids_a: list[int], ids_b: list[int]) -> None:
+    """Greedy ids of models a and b for one unpadded prompt: equal, or at the first step where they differ, a's
+    margin between the two choices is within twice the models' largest logit difference there (teacher-forced)."""
+    n = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=True)) if x != y), None)
+    if n is None:
+        return
+    T = prompt_ids.shape[1]
+    full = torch.cat([prompt_ids, torch.tensor([ids_a[:n]], dtype=prompt_ids.dtype)], 1)
+    with torch.no_grad():
+        la, lb = (m(full, pixel_values, prefix_len=T)["logits"][0, -1].float() for m in (a, b))
+    diff = (la - lb).abs().max().item()
+    margin = (la[ids_a[n]] - la[ids_b[n]]).item()
+    assert margin <= 2 * diff, f"step {n}: {ids_a[n]} vs {ids_b[n]}, margin {margin:.3f} > 2 x difference {diff:.3f}"
+
+
+@pytest.mark.skipif(not ops.onednn_enabled() or not ops.can_pack_bf16(),
+                    reason="oneDNN's bf16 weight packing needs an x86 CPU with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT")
+def test_packed_bf16_weights_give_the_dense_results(checkpoint, monkeypatch):
+    """pack_linear_weights only changes the memory layout: the packed weights hold the dense weights' bits (checked
+    exactly), and the float32 prefill (which unpacks) still works. The arithmetic may differ in summation order:
+    packed and plain weights can take different oneDNN kernels (bit-identical on the AVX-512 EPYC where packing
+    was first measured; not promised elsewhere), and the tiny fixtures amplify a last-bit bf16 difference to
+    percents. So the packed logits must be as close to the float32 model's as the dense bf16 ones (within twice
+    their error, measured here on this CPU), and the greedy ids equal to the dense ones up to a near tie.
+    load_hf_model packs by default only where it pays."""
     path = checkpoint("pg2-legacy-gqa-224")
     dense, tok = load_hf_model(path, "cpu", torch.bfloat16, pack=False)
     packed, _ = load_hf_model(path, "cpu", torch.bfloat16, pack=True)
+    exact, _ = load_hf_model(path, "cpu", torch.float32)
     assert not any(p.is_mkldnn for p in dense.parameters())
     n_linear = sum(isinstance(m, ops.Linear) for m in packed.modules())
     assert sum(p.is_mkldnn for p in packed.parameters()) == n_linear
+    with torch.no_grad():
+        for (name, d), (_, p), (_, e) in zip(dense.named_parameters(), packed.named_parameters(),
+                                             exact.named_parameters(), strict=True):
+            assert torch.equal(d, p.to_dense() if p.is_mkldnn else p), name  # the same bits, another layout
+            e.copy_(d.float())  # the float32 model holds exactly the bf16 weights
     inputs = _batch(make_processor(dense, tok))
     args = (inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"])
+    real = inputs["attention_mask"].bool()  # padded positions hold no answer
     with torch.no_grad():
-        assert torch.equal(dense(*args)["logits"], packed(*args)["logits"])
-    assert torch.equal(generate_ids(dense, *args, 16), generate_ids(packed, *args, 16))
+        want, got_dense, got_packed = (m(*args)["logits"][real].float() for m in (exact, dense, packed))
+    err_dense, err_packed = rel_err(got_dense, want), rel_err(got_packed, want)
+    print(f"bf16 logits vs float32: dense {err_dense:.2e}, packed {err_packed:.2e}")
+    assert err_packed <= 2 * err_dense
+    ids_dense, ids_packed = generate_ids(dense, *args, 16), generate_ids(packed, *args, 16)
+    for b in range(2):
+        _diverges_only_at_a_near_tie(dense, packed, args[0][b, real[b]][None], args[1][b:b + 1],
+                                     ids_dense[b].tolist(), ids_packed[b].tolist())
     assert generate_ids(packed, *args, 4, prefill_dtype=torch.float32).shape == (2, 4)
     # pack=None (what the CLI passes): only bf16 on a CPU with bf16 arithmetic; the Python default stays dense.
     assert not any(p.is_mkldnn for p in load_hf_model(path, "cpu", torch.bfloat16)[0].parameters())

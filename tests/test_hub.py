@@ -4,18 +4,16 @@ the network (HF_HUB_OFFLINE=1, or an endpoint on a closed local port); and the s
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT, random_image
+from conftest import run_cli as _run_cli
 from huggingface_hub import errors as hub_errors
 
 import utils
 from inference import generate, load_image, make_processor
 from utils import CheckpointError, load_hf_model, resolve_model_path
 
-NAME = "pg1-legacy-mqa-224"
 REPO = "tiny-org/paligemma-tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -37,15 +35,9 @@ def build_hf_cache(hf_home, repo_id, checkpoint_dir):
 
 
 def run_cli(args, env_extra, cwd):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(env_extra)
-    return subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, env=env)
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(NAME)
+    """The CLI with none of this environment's HF_* variables (no real cache, token or endpoint), only env_extra."""
+    env = dict.fromkeys((k for k in os.environ if k.startswith("HF_")), None)
+    return _run_cli(*args, cwd=cwd, env={**env, **env_extra})
 
 
 def test_hub_id_runs_from_the_cache_offline(ckpt, tmp_path):

@@ -94,20 +94,19 @@ def test_three_key_layouts_load_identical_weights(tmp_path):
         assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
 
 
-def test_bfloat16_load_converts_every_tensor(checkpoint):
-    path = checkpoint("pg1-legacy-mqa-224")
-    f32, _ = load_hf_model(path, "cpu")
-    bf16, _ = load_hf_model(path, "cpu", dtype="bfloat16")
+def test_bfloat16_load_converts_every_tensor(ckpt):
+    f32, _ = load_hf_model(ckpt, "cpu")
+    bf16, _ = load_hf_model(ckpt, "cpu", dtype="bfloat16")
     for (n, p), (_, q) in zip(f32.state_dict().items(), bf16.state_dict().items(), strict=True):
         assert q.dtype == torch.bfloat16, n
         assert torch.equal(p.to(torch.bfloat16), q), n
 
 
 @pytest.fixture
-def broken(checkpoint, tmp_path):
+def broken(ckpt, tmp_path):
     """A writable copy of a tiny checkpoint and its first shard's tensors."""
     dst = tmp_path / "ckpt"
-    shutil.copytree(checkpoint("pg1-legacy-mqa-224"), dst)
+    shutil.copytree(ckpt, dst)
     shard = weight_files(dst)[0]
     return dst, shard, load_file(str(shard))
 

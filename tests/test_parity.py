@@ -1,8 +1,9 @@
 """Parity with transformers' PaliGemmaForConditionalGeneration on tiny hub-layout checkpoints (float32)."""
 
+
 import pytest
 import torch
-from conftest import CHECKPOINTS, random_image
+from conftest import CHECKPOINTS, assert_no_near_ties, random_image
 from reference import hf_model, hf_processor, rel_err
 
 from inference import decode_one_token, generate_ids, make_processor, prefill
@@ -40,10 +41,13 @@ def test_prefill_logits_match(pair):
             assert err < TOL
 
 
-def test_prefill_bit_exact_with_atens_kernels(pair, monkeypatch):
-    """Our CPU float32 matmuls go through oneDNN (faster, another summation order: ~1e-6 above). With ATen's
-    default kernels, the ones transformers uses, the prefill must match it bit for bit: everything else (RoPE
-    angles, norms, masks, scaling) is then computed exactly as the reference computes it."""
+def test_prefill_with_atens_kernels_matches_transformers(pair, monkeypatch):
+    """With ONEDNN_LINEAR off our float32 matmuls take F.linear, ATen's kernels, the ones transformers uses (and the
+    path of fine-tuning, torch.compile and non-x86 CPUs). Not bit for bit: the sums inside the matmuls and
+    attention still depend on the call's shapes and the CPU (we fold the query heads of a KV group into one
+    attention call; MKL's AVX-512 kernels pick other blockings than its AVX2 ones). Equal on an AVX2 EPYC,
+    2.0e-6 apart on an AVX-512/AMX Xeon: the same TOL as with oneDNN bounds it on every CPU, and what does not
+    depend on the summation order is checked bit for bit in the next test."""
     import ops
 
     model, proc, ref, _, name = pair
@@ -53,7 +57,49 @@ def test_prefill_bit_exact_with_atens_kernels(pair, monkeypatch):
         ours = model(inputs["input_ids"], inputs["pixel_values"])["logits"]
         theirs = ref(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
                      token_type_ids=torch.zeros_like(inputs["input_ids"])).logits
-    assert torch.equal(ours, theirs), f"{name}: {rel_err(ours, theirs):.2e}"
+    err = rel_err(ours, theirs)
+    print(f"{name} prefill with ATen's kernels: rel err {err:.2e}")
+    assert err < TOL
+
+
+def _first_layer_inputs(layer, run) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden states, (cos, sin)) that `layer` receives while run() executes, from a forward pre-hook: ours as
+    layer(x, (cos, sin), ...), transformers' as layer(hidden_states, ..., position_embeddings=(cos, sin))."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["cos_sin"] = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[1]
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen["x"], seen["cos_sin"]
+
+
+def test_rope_tables_and_text_embeddings_are_bit_identical(pair):
+    """What reaches the first decoder layer without a sum whose order a kernel chooses is identical to what
+    transformers computes, bit for bit on every CPU: the RoPE cos/sin tables (positions numbered from 1, the
+    float32 angle rounding that alone moved logits by 1e-5) and the scaled token embeddings of the text
+    positions (lookup times sqrt(hidden) rounded to the activation dtype). The image positions come out of the
+    vision tower's matmuls, hence TOL."""
+    model, proc, ref, _, name = pair
+    inputs = proc(text=[PROMPTS[1]], images=[random_image(6)])
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    x, (cos, sin) = _first_layer_inputs(model.language_model.model.layers[0], lambda: model(ids, pixels))
+    rx, (rcos, rsin) = _first_layer_inputs(
+        ref.model.language_model.layers[0],
+        lambda: ref(input_ids=ids, pixel_values=pixels, token_type_ids=torch.zeros_like(ids)))
+    T, head_dim = ids.shape[1], model.config.text_config.head_dim
+    assert cos.shape == (1, 1, T, head_dim) and rcos.shape == (1, T, head_dim)
+    assert torch.equal(cos[:, 0], rcos) and torch.equal(sin[:, 0], rsin), f"{name}: RoPE tables differ"
+    text = ids[0] != model.config.image_token_index
+    assert text.sum() > 3 and (~text).sum() == model.config.num_image_tokens
+    assert torch.equal(x[0, text], rx[0, text]), f"{name}: text embeddings differ"
+    assert rel_err(x[0, ~text], rx[0, ~text]) < TOL
 
 
 def test_cached_decode_matches_transformers_and_full_recompute(pair):
@@ -96,6 +142,7 @@ def test_greedy_32_tokens_identical(pair):
             theirs = ref.generate(**ref_in, max_new_tokens=32, do_sample=False)[0, ref_in["input_ids"].shape[1]:]
         ours = generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], 32)[0]
         ours = ours[: len(theirs)]  # transformers stops at EOS; we pad after it
+        assert_no_near_ties(model, inputs["input_ids"], inputs["pixel_values"], theirs)
         assert ours.tolist() == theirs.tolist()
         # The fixture's weights must make the test able to fail: a model echoing one token proves little.
         assert len(set(theirs.tolist())) >= 4, f"{name}: degenerate reference output {theirs.tolist()}"
@@ -111,4 +158,5 @@ def test_batched_equals_one_by_one(pair):
     for b in range(3):
         one = proc(text=[prompts[b]], images=[imgs[b]])
         alone = generate_ids(model, one["input_ids"], one["pixel_values"], one["attention_mask"], 16)[0]
+        assert_no_near_ties(model, one["input_ids"], one["pixel_values"], alone)
         assert together[b, : len(alone)].tolist() == alone.tolist(), f"{name} row {b}"

@@ -1,9 +1,11 @@
-"""PaliGemmaProcessor vs transformers' PaliGemmaProcessor built from the same tokenizer files."""
+"""PaliGemmaProcessor vs transformers' PaliGemmaProcessor built from the same tokenizer files, and fuzzed."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import random_image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from reference import hf_processor
 
@@ -115,3 +117,45 @@ def test_make_processor_follows_config(checkpoint):
     model, tok = load_hf_model(checkpoint("pg1-new-gqa-112"), "cpu")
     proc = make_processor(model, tok)
     assert (proc.image_size, proc.num_image_tokens) == (112, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fuzz: any PIL image (every mode, empty ones too) and any prompt give pixels and ids or a ProcessorError
+# ---------------------------------------------------------------------------------------------------------------
+
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16"]
+
+
+@st.composite
+def pil_images(draw):
+    mode = draw(st.sampled_from(MODES))
+    w, h = draw(st.integers(0, 48)), draw(st.integers(0, 48))
+    if w == 0 or h == 0:
+        return Image.new(mode, (w, h))
+    arr = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    try:
+        im = Image.fromarray(arr).convert(mode)
+    except ValueError:
+        im = Image.new(mode, (w, h))
+    if mode == "P" and draw(st.booleans()):
+        im.info["transparency"] = 0
+    return im
+
+
+@pytest.fixture(scope="module")
+def processor(ckpt):
+    from transformers import AutoTokenizer
+
+    return PaliGemmaProcessor(AutoTokenizer.from_pretrained(str(ckpt)), 16, 56)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(image=pil_images(), prompt=st.text(max_size=40))
+def test_processor_fuzz_raises_only_processor_error(processor, image, prompt):
+    try:
+        out = processor(text=[prompt], images=[image])
+    except ProcessorError:
+        assert image.width == 0 or image.height == 0 or image.mode in ("LAB", "HSV")
+        return
+    assert out["pixel_values"].shape == (1, 3, 56, 56) and torch.isfinite(out["pixel_values"]).all()
+    assert out["input_ids"].shape[1] >= 16 + 2

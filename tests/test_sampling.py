@@ -43,8 +43,8 @@ def test_top_k_limits_choices():
 
 
 @pytest.fixture(scope="module")
-def tiny(checkpoint):
-    model, tok = load_hf_model(checkpoint("pg1-legacy-mqa-224"), "cpu")
+def tiny(ckpt):
+    model, tok = load_hf_model(ckpt, "cpu")
     proc = make_processor(model, tok)
     return model, proc(text=["caption en"], images=[random_image(0)])
 

@@ -13,13 +13,7 @@ import inference
 from inference import TextStream, decode_text, generate, make_processor
 from utils import load_hf_model
 
-NAME = "pg1-legacy-mqa-224"
 EOS = [1]
-
-
-@pytest.fixture(scope="module")
-def ckpt(checkpoint):
-    return checkpoint(NAME)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@
 id order (text pieces, then ``<loc0000>``..``<loc1023>``, ``<seg000>``..``<seg127>``),
 ``tokenizer.json`` / ``tokenizer_config.json`` / ``special_tokens_map.json`` with
 ``<image>`` as an added special token, ``preprocessor_config.json`` and
-``generation_config.json``.  Everything is built offline and deterministically.
+``generation_config.json``.  Everything is built offline and deterministically. The files are written by
+``hub_layout.py`` (shared with ``benchmarks/make_checkpoint.py``); this module makes the tiny model's sizes and
+weights, ``tiny_tokenizer.py`` its vocabulary.
 
 Import it as ``from tiny_checkpoint import make_tiny_checkpoint`` (with ``tests/`` on
 ``sys.path``) or run ``python tests/tiny_checkpoint.py`` to build and check a few
@@ -22,14 +24,15 @@ import math
 import pathlib
 
 import torch
+from hub_layout import hub_config, plan_shards, write_config, write_preprocessor_config, write_shards
 from tiny_tokenizer import (  # noqa: F401
     IMAGE_TOKEN,
     N_LOC,
     N_SEG,
     SPM_TEXT_PIECES,
     _build_tokenizer,
-    _write_tokenizer_files,
     tokenizer_info,
+    write_tokenizer_files,
 )
 
 __all__ = [
@@ -56,95 +59,41 @@ VISION_HEADS = 2
 PATCH_SIZE = 14
 DEFAULT_IMAGE_SIZE = 224
 
-TRANSFORMERS_VERSION_IN_CONFIG = {"pg1": "4.41.0.dev0", "pg2": "4.47.0.dev0"}
-
 # ----------------------------------------------------------------------------------------
 # Config
 # ----------------------------------------------------------------------------------------
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _sparse_config(variant, num_key_value_heads, image_size, dtype, sliding_window) -> dict:
     t = _build_tokenizer()
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
     if size % PATCH_SIZE:
         raise ValueError(f"image_size must be a multiple of {PATCH_SIZE}")
     num_image_tokens = (size // PATCH_SIZE) ** 2
-    dt = _dtype_name(dtype)
-    # The vision section both hub configs share; each variant adds its own extra field below.
-    vision_common = {
+    vision = {
         "hidden_size": VISION_HIDDEN,
         "intermediate_size": VISION_INTERMEDIATE,
-        "model_type": "siglip_vision_model",
         "num_attention_heads": VISION_HEADS,
         "num_hidden_layers": VISION_LAYERS,
         "num_image_tokens": num_image_tokens,
         "patch_size": PATCH_SIZE,
-        "projection_dim": TEXT_HIDDEN,
-        "vision_use_head": False,
+    }
+    if image_size is not None:
+        vision["image_size"] = size
+    text = {
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": TEXT_INTERMEDIATE,
+        "num_image_tokens": num_image_tokens,
+        "num_key_value_heads": num_key_value_heads,
+        "vocab_size": t["vocab_size"],
     }
     if variant == "pg1":
-        text_config = {
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": TEXT_INTERMEDIATE,
-            "model_type": "gemma",
-            "num_attention_heads": PG1_HEADS,
-            "num_hidden_layers": PG1_LAYERS,
-            "num_image_tokens": num_image_tokens,
-            "num_key_value_heads": num_key_value_heads,
-            "torch_dtype": dt,
-            "vocab_size": t["vocab_size"],
-        }
-        # The PaliGemma 1 hub file also carries the (unused) projector activation.
-        vision_config = dict(vision_common, projector_hidden_act="gelu_fast")
-        top = {
-            "architectures": ["PaliGemmaForConditionalGeneration"],
-            "bos_token_id": 2,
-            "eos_token_id": 1,
-            "hidden_size": TEXT_HIDDEN,
-            "ignore_index": -100,
-            "image_token_index": t["image_id"],
-            "model_type": "paligemma",
-            "pad_token_id": 0,
-            "projection_dim": TEXT_HIDDEN,
-        }
-    elif variant == "pg2":
-        text_config = {
-            "attn_logit_softcapping": 50.0,
-            "final_logit_softcapping": 30.0,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": TEXT_INTERMEDIATE,
-            "model_type": "gemma2",
-            "num_hidden_layers": PG2_LAYERS,
-            "num_image_tokens": num_image_tokens,
-            "num_key_value_heads": num_key_value_heads,
-            "sliding_window": sliding_window,
-            "torch_dtype": dt,
-            "vocab_size": t["vocab_size"],
-        }
-        vision_config = dict(vision_common, torch_dtype=dt)
-        top = {
-            "architectures": ["PaliGemmaForConditionalGeneration"],
-            "bos_token_id": 2,
-            "eos_token_id": [1, 107],
-            "hidden_size": 2048,  # stale, as in the real PaliGemma 2 configs
-            "image_token_index": t["image_id"],
-            "model_type": "paligemma",
-            "pad_token_id": 0,
-            "projection_dim": TEXT_HIDDEN,
-        }
+        text.update(num_attention_heads=PG1_HEADS, num_hidden_layers=PG1_LAYERS)
+    elif variant == "pg2":  # heads (8) and head_dim (256) stay at Gemma 2's defaults, absent as on the hub
+        text.update(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, num_hidden_layers=PG2_LAYERS,
+                    sliding_window=sliding_window)
     else:
         raise ValueError(f"variant must be 'pg1' or 'pg2', got {variant!r}")
-    if image_size is not None:
-        vision_config["image_size"] = size
-    cfg = dict(top)
-    cfg["text_config"] = dict(sorted(text_config.items()))
-    cfg["torch_dtype"] = dt
-    cfg["transformers_version"] = TRANSFORMERS_VERSION_IN_CONFIG[variant]
-    cfg["vision_config"] = dict(sorted(vision_config.items()))
-    return dict(sorted(cfg.items()))
+    return hub_config(gemma2=variant == "pg2", text=text, vision=vision, image_token_index=t["image_id"],
+                      projection_dim=TEXT_HIDDEN, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,32 +187,9 @@ def _layout_state_dict(model, layout: str, include_lm_head: bool = False) -> dic
 
 
 def _write_shards(out: pathlib.Path, sd: dict, dtype: torch.dtype, n_shards: int = 3) -> None:
-    from safetensors.torch import save_file
-
-    keys = list(sd)
-    tensors = {k: sd[k].detach().to(dtype).contiguous() for k in keys}
-    sizes = [tensors[k].numel() * tensors[k].element_size() for k in keys]
-    total = sum(sizes)
-    # Split in order into n contiguous groups of roughly equal byte size (each non-empty).
-    groups, cur, acc, target = [], [], 0, total / n_shards
-    for i, (k, s) in enumerate(zip(keys, sizes, strict=True)):
-        remaining_keys = len(keys) - i
-        remaining_groups = n_shards - len(groups)
-        if cur and (acc + s / 2 > target * (len(groups) + 1) or remaining_keys < remaining_groups) \
-                and len(groups) < n_shards - 1:
-            groups.append(cur)
-            cur = []
-        cur.append(k)
-        acc += s
-    groups.append(cur)
-    assert len(groups) == n_shards and all(groups), [len(g) for g in groups]
-    weight_map = {}
-    for n, group in enumerate(groups, 1):
-        fname = f"model-{n:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: tensors[k] for k in group}, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in group})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+    groups = plan_shards({k: v.numel() * v.element_size() for k, v in tensors.items()}, n_shards)
+    write_shards(out, groups, lambda keys: {k: tensors[k] for k in keys})
 
 
 # ----------------------------------------------------------------------------------------
@@ -315,12 +241,10 @@ def make_tiny_checkpoint(
             for p in model.parameters():
                 p.copy_(p.to(dtype).float())
     _write_shards(out, _layout_state_dict(model, layout, include_lm_head), dtype)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    gen = {"bos_token_id": 2, "eos_token_id": cfg["eos_token_id"], "pad_token_id": 0,
-           "transformers_version": cfg["transformers_version"]}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    write_config(out, cfg)
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
-    _write_tokenizer_files(out, variant, size, (size // PATCH_SIZE) ** 2)
+    write_preprocessor_config(out, size, (size // PATCH_SIZE) ** 2)
+    write_tokenizer_files(out, variant)
     return (out, model) if return_model else out
 
 

@@ -1,36 +1,22 @@
 """The tokenizer of the tiny test checkpoints: a small SentencePiece model in PaliGemma's real id order.
 
 Text pieces (Gemma's low ids kept: pad 0, eos 1, bos 2, unk 3, "\\n" 108), then ``<loc0000>``..``<loc1023>`` and
-``<seg000>``..``<seg127>`` as user-defined pieces, then ``<image>`` as an added special token, written as
-``tokenizer.model`` + ``tokenizer.json`` + configs so ``AutoTokenizer.from_pretrained`` works offline.
+``<seg000>``..``<seg127>`` as user-defined pieces, then ``<image>`` as an added special token. This module makes
+the pieces; ``hub_layout.write_tokenizer`` writes them as ``tokenizer.model`` + ``tokenizer.json`` + configs, so
+that ``AutoTokenizer.from_pretrained`` works offline.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import pathlib
 import struct
 import threading
 
-SPM_TEXT_PIECES = 1000  # "text_n": pieces 0..999 are the Gemma-like text vocabulary
-N_LOC = 1024
-N_SEG = 128
+# Gemma's first ids (kept as user-defined pieces), the <loc>/<seg> pieces and <image>: hub_layout.py.
+from hub_layout import GEMMA_HEAD as _USER_DEFINED_HEAD
+from hub_layout import IMAGE_TOKEN, LOC_TOKENS, N_LOC, N_SEG, SEG_TOKENS, write_tokenizer  # noqa: F401
 
-# ----------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------
-# Gemma's first ids: pad 0, eos 1, bos 2, unk 3, <mask> 4, <2mass> 5, [@BOS@] 6,
-# <unused0..98> 7..105, <start_of_turn> 106, <end_of_turn> 107, "\n" 108, "\n\n" 109.
-_USER_DEFINED_HEAD = (
-    ["<mask>", "<2mass>", "[@BOS@]"]
-    + [f"<unused{i}>" for i in range(99)]
-    + ["<start_of_turn>", "<end_of_turn>", "\n", "\n\n"]
-)
-_SPECIAL_USER_DEFINED = {"<start_of_turn>", "<end_of_turn>"}
-LOC_TOKENS = [f"<loc{i:04d}>" for i in range(N_LOC)]
-SEG_TOKENS = [f"<seg{i:03d}>" for i in range(N_SEG)]
-IMAGE_TOKEN = "<image>"
+SPM_TEXT_PIECES = 1000  # "text_n": pieces 0..999 are the Gemma-like text vocabulary
 
 _CORPUS = """\
 caption en
@@ -173,19 +159,8 @@ def _generate_merges(vocab: dict, scores: dict):
     return [[a, b] for a, b, _ in merges]
 
 
-def _added_token(content, special):
-    return {
-        "content": content,
-        "lstrip": False,
-        "normalized": False,
-        "rstrip": False,
-        "single_word": False,
-        "special": special,
-    }
-
-
 def _build_tokenizer():
-    """Train the tiny SentencePiece model once per process and derive all tokenizer files."""
+    """Train the tiny SentencePiece model once per process; derive its BPE vocabulary and merges."""
     with _tok_lock:
         if _tok_cache:
             return _tok_cache
@@ -230,76 +205,24 @@ def _build_tokenizer():
         image_id = n_pieces
         vocab_size = (image_id + 1 + 63) // 64 * 64
 
-        # ---- tokenizer.json (tokenizers BPE with byte fallback, like the hub's Gemma tokenizer.json)
+        # ---- the BPE view of the same model, for tokenizer.json (tokenizers BPE with byte fallback)
         vocab = {sp.id_to_piece(i): i for i in range(n_pieces)}
-        added_tokens = []  # control (special) + user-defined (non-special) pieces, then <image>
         user_defined = set(_USER_DEFINED_HEAD + LOC_TOKENS + SEG_TOKENS)
-        for i in range(n_pieces):
-            if sp.is_control(i) or sp.is_unknown(i):
-                added_tokens.append({"id": i, **_added_token(sp.id_to_piece(i), True)})
-            elif sp.id_to_piece(i) in user_defined:
-                piece = sp.id_to_piece(i)
-                added_tokens.append({"id": i, **_added_token(piece, piece in _SPECIAL_USER_DEFINED)})
-        added_tokens.append({"id": image_id, **_added_token(IMAGE_TOKEN, True)})
         scores = {
             sp.id_to_piece(i): sp.get_score(i)
             for i in range(n_pieces)
             if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)
             or sp.id_to_piece(i) in user_defined)
         }
-        merges = _generate_merges(vocab, scores)
-        tokenizer_json = {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": added_tokens,
-            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
-            "pre_tokenizer": None,
-            "post_processor": None,  # filled in per variant by _post_processor()
-            "decoder": {
-                "type": "Sequence",
-                "decoders": [
-                    {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-                    {"type": "ByteFallback"},
-                    {"type": "Fuse"},
-                ],
-            },
-            "model": {
-                "type": "BPE",
-                "dropout": None,
-                "unk_token": "<unk>",
-                "continuing_subword_prefix": None,
-                "end_of_word_suffix": None,
-                "fuse_unk": True,
-                "byte_fallback": True,
-                "ignore_merges": False,
-                "vocab": vocab,
-                "merges": merges,
-            },
-        }
-        added_tokens_decoder = {
-            str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added_tokens
-        }
         _tok_cache.update(
             text_n=text_n,
             image_id=image_id,
             vocab_size=vocab_size,
             spm_proto=proto,
-            tokenizer_json=tokenizer_json,
-            added_tokens_decoder=added_tokens_decoder,
+            vocab=vocab,
+            merges=_generate_merges(vocab, scores),
         )
         return _tok_cache
-
-
-def _post_processor(add_bos: bool):
-    bos = [{"SpecialToken": {"id": "<bos>", "type_id": 0}}] if add_bos else []
-    bos1 = [{"SpecialToken": {"id": "<bos>", "type_id": 1}}] if add_bos else []
-    return {
-        "type": "TemplateProcessing",
-        "single": bos + [{"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": bos + [{"Sequence": {"id": "A", "type_id": 0}}] + bos1 + [{"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [2], "tokens": ["<bos>"]}} if add_bos else {},
-    }
 
 
 def tokenizer_info() -> dict:
@@ -309,54 +232,7 @@ def tokenizer_info() -> dict:
             "loc0": t["text_n"], "seg0": t["text_n"] + N_LOC, "newline": 108, "bos": 2, "eos": 1, "pad": 0}
 
 
-def _write_tokenizer_files(out: pathlib.Path, variant: str, image_size: int, image_seq_length: int):
+def write_tokenizer_files(out, variant: str) -> None:
+    """The tiny tokenizer's files in the hub layout; PaliGemma 1's ("pg1") adds <bos>, PaliGemma 2's does not."""
     t = _build_tokenizer()
-    (out / "tokenizer.model").write_bytes(t["spm_proto"])
-    # transformers 5.23 follows tokenizer.json's post-processor (not add_bos_token), so both must agree.
-    tj = dict(t["tokenizer_json"], post_processor=_post_processor(add_bos=variant == "pg1"))
-    (out / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False, indent=2), encoding="utf-8")
-    special = {
-        "additional_special_tokens": [_added_token(IMAGE_TOKEN, True)],
-        "bos_token": _added_token("<bos>", True),
-        "eos_token": _added_token("<eos>", True),
-        "pad_token": _added_token("<pad>", True),
-        "unk_token": _added_token("<unk>", True),
-    }
-    for v in special.values():
-        for d in v if isinstance(v, list) else [v]:
-            d.pop("special")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    tok_cfg = {
-        # PaliGemma 1's tokenizer config adds BOS, PaliGemma 2's does not.
-        "add_bos_token": variant == "pg1",
-        "add_eos_token": False,
-        "added_tokens_decoder": t["added_tokens_decoder"],
-        "additional_special_tokens": [IMAGE_TOKEN],
-        "bos_token": "<bos>",
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<eos>",
-        "model_max_length": 1000000000000000019884624838656,
-        "pad_token": "<pad>",
-        "processor_class": "PaliGemmaProcessor",
-        "sp_model_kwargs": {},
-        "spaces_between_special_tokens": False,
-        "tokenizer_class": "GemmaTokenizer",
-        "unk_token": "<unk>",
-        "use_default_system_prompt": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False), encoding="utf-8")
-    pre = {
-        "do_convert_rgb": None,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_processor_type": "SiglipImageProcessor",
-        "image_seq_length": image_seq_length,
-        "image_std": [0.5, 0.5, 0.5],
-        "processor_class": "PaliGemmaProcessor",
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "size": {"height": image_size, "width": image_size},
-    }
-    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
+    write_tokenizer(out, t["vocab"], t["merges"], t["image_id"], add_bos=variant == "pg1", spm_model=t["spm_proto"])
