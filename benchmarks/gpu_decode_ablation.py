@@ -11,7 +11,7 @@ prompt (260 tokens), and decode tokens/s at batch 1 over --new-tokens with the d
   parameters);
 - fused: q/k/v and gate/up each as one matmul over concatenated weights (fewer, larger matrix-vector products);
 - cdt+fused: both;
-- cprefill: the prefill (vision tower + prompt) compiled as well, "reduce-overhead" (CUDA graphs per piece).
+- eager-prefill: the prefill left eager (compile=True compiles it on CUDA: generation.prefill_fn).
 --profile adds the 15 most expensive CUDA kernels of 16 compiled decode steps and of one eager prefill, and the
 prefill's GPU-busy time against its wall time (a prefill far longer than its kernels is launch-bound).
 """
@@ -56,6 +56,7 @@ def fuse_projections(model) -> None:
     import torch.nn.functional as F
 
     import modeling_gemma as mg
+    import ops
 
     for layer in model.language_model.model.layers:
         att, mlp = layer.self_attn, layer.mlp
@@ -79,7 +80,7 @@ def fuse_projections(model) -> None:
 
         def mlp_forward(self, x):
             gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
-            return self.down_proj(mg.gelu_tanh(gate) * up)
+            return self.down_proj(ops.gelu_tanh(gate) * up)
 
         att.forward = types.MethodType(att_forward, att)
         mlp.forward = types.MethodType(mlp_forward, mlp)
@@ -88,7 +89,7 @@ def fuse_projections(model) -> None:
 def child(args) -> dict:
     import torch
 
-    from inference import generate_ids
+    from generation import generate_ids
 
     if "cdt" in args.variant:
         torch._inductor.config.coordinate_descent_tuning = True
@@ -96,10 +97,10 @@ def child(args) -> dict:
     model = build("cuda")
     if "fused" in args.variant:
         fuse_projections(model)
-    if "cprefill" in args.variant:  # the prefill too, graph breaks allowed, CUDA graphs per piece
-        import inference
+    if "eager-prefill" in args.variant:  # compile=True without the compiled prefill (the library's default before)
+        import generation
 
-        inference.prefill = torch.compile(inference.prefill, mode="reduce-overhead")
+        generation.prefill_fn = lambda model, compile: generation.prefill
     ids = torch.tensor([[model.config.image_token_index] * 256 + [2, 580, 649, 108]], device=device)
     pixels = torch.randn(1, 3, 224, 224, device=device, dtype=torch.bfloat16)
     t0 = time.perf_counter()
@@ -139,7 +140,7 @@ def profile(model, ids, pixels):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    from inference import generate_ids, prefill
+    from generation import generate_ids, prefill
 
     out = {}
     with prof(activities=[ProfilerActivity.CUDA]) as p:
@@ -166,7 +167,7 @@ def profile(model, ids, pixels):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default="base,cdt,fused,cdt+fused,cprefill")
+    ap.add_argument("--variants", default="base,eager-prefill,fused,cdt")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--profile", action="store_true", help="kernel tables for the first variant")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per variant")
