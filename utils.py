@@ -6,7 +6,9 @@ through the Hugging Face cache by `resolve_model_path`), reads a sparse hub `con
 the real checkpoints' values, listed in ../shared/PALIGEMMA_FACTS.md), builds the model on the meta device,
 and streams every tensor from `model.safetensors` or the shards named by `model.safetensors.index.json`
 straight into the target device and dtype, so peak memory stays near one copy of the weights. Every key, shape
-and dtype is checked; pickled `*.bin` checkpoints are refused (unpickling can run code).
+and dtype is checked; pickled `*.bin` checkpoints are refused (unpickling can run code). A checkpoint is data
+only: configs asking for their own code (`auto_map`) are refused and transformers is never allowed to run it,
+and the index may name only plain file names beside it, so nothing outside the directory is read.
 
 Checked against: transformers `models/paligemma/configuration_paligemma.py`, `models/gemma*/configuration_*.py`,
 `models/siglip/configuration_siglip.py` and its checkpoint conversion scripts (key layouts).
@@ -152,6 +154,18 @@ def canonical_key(key: str) -> str | None:
     return key
 
 
+def _check_shard_name(index: Path, key: str, name: Any) -> None:
+    """An index entry must name a plain file beside the index: no directory part, no "..", not absolute, so an
+    index can never make us open a file outside the checkpoint directory. The NAME is checked, not where it
+    resolves to: the file itself may be a symlink (the Hugging Face cache's snapshots link into blobs/)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise CheckpointError(
+            f"{index}: weight_map entry {key!r} names shard {name!r}, which is not a plain file name in the "
+            "checkpoint directory (no '/', '..' or absolute path); nothing outside it is read — re-download the index"
+        )
+
+
 def weight_files(model_path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint, from the index when there is one. Refuses pickled weights."""
     root = Path(model_path)
@@ -161,6 +175,10 @@ def weight_files(model_path: str | os.PathLike) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download it") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object (tensor name -> shard file); re-download it")
+        for key, name in weight_map.items():
+            _check_shard_name(index, key, name)
         files = [root / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():
@@ -292,6 +310,37 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
     model.load_state_dict(loaded, strict=True, assign=True)
 
 
+# The files AutoTokenizer reads whose top-level "auto_map" makes it import Python code from the checkpoint
+# directory (or from another hub repository, "owner/repo--module.Class"): tokenizer_config.json's AutoTokenizer
+# entry, and config.json's AutoConfig entry (read through AutoConfig). No PaliGemma checkpoint has either.
+_CODE_REFERENCING_FILES = ("tokenizer_config.json", "config.json")
+
+
+def _refuse_custom_code(root: Path) -> None:
+    """A checkpoint directory is data only: refuse one whose tokenizer/model config asks for its own code
+    (`auto_map`), before transformers reads it, so nothing is prompted for and nothing is imported."""
+    for name in _CODE_REFERENCING_FILES:
+        path = root / name
+        if not path.exists():
+            continue  # config.json was read already; tokenizer_config.json is optional
+        if not path.is_file():
+            raise CheckpointError(f"{path} is not a regular file; re-download it")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            detail = " ".join(str(e).split())[:200] or type(e).__name__
+            raise CheckpointError(f"{path} is not valid JSON ({detail}); re-download it") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path} is not a JSON object; re-download it")
+        if "auto_map" in cfg:
+            shown = json.dumps(cfg["auto_map"], ensure_ascii=True)
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            raise CheckpointError(
+                f"{path}: auto_map {shown} asks to run code from the checkpoint; checkpoints are loaded as data "
+                "only and their code is never run — remove auto_map, or use the original checkpoint's files"
+            )
+
+
 def load_tokenizer(model_path, config: PaliGemmaConfig):
     """The checkpoint's own tokenizer, checked to have `<image>` at the config's image_token_index."""
     from transformers import AutoTokenizer  # heavy import, only when loading
@@ -301,8 +350,12 @@ def load_tokenizer(model_path, config: PaliGemmaConfig):
         raise CheckpointError(
             f"{root} has no tokenizer (tokenizer.json or tokenizer.model); download the checkpoint's tokenizer files"
         )
+    _refuse_custom_code(root)
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_path))
+        # trust_remote_code=False, explicitly: left at None, transformers asks on stdout whether to run the
+        # checkpoint's code (and runs it on "y" from stdin). _refuse_custom_code already turned such a checkpoint
+        # away; this makes sure transformers never imports from the directory even if it finds another route.
+        tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=False)
     except Exception as e:  # transformers raises many types for missing/broken files
         raise CheckpointError(
             f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "

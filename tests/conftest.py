@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny random checkpoints in the hub layout (built once per test session), the
-command line run as a subprocess or in-process, and noise images."""
+command line run as a subprocess or in-process, noise images, and a checkpoint that asks to run its own code."""
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,24 @@ def cli_in_process(capsys, *args) -> tuple[int, str, str]:
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+EVIL_PY = """from pathlib import Path
+Path({marker!r}).write_text("the checkpoint's code ran")
+from transformers import PreTrainedTokenizerFast
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def add_custom_code(path, marker, auto_map=None, where="tokenizer_config.json"):
+    """A checkpoint that asks for its own code: `auto_map` in `where`, and an evil.py beside it that writes
+    `marker` when imported. tokenizer_class is dropped: naming a transformers class, it would win quietly; without
+    it transformers 5 asks "Do you wish to run the custom code? [y/N]" on stdout and imports evil.py on "y"."""
+    cfg = json.loads((path / where).read_text())
+    cfg["auto_map"] = auto_map or {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (path / where).write_text(json.dumps(cfg))
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    tok_cfg.pop("tokenizer_class", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (path / "evil.py").write_text(EVIL_PY.format(marker=str(marker)))

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cli_command, random_image, run_cli
+from conftest import CLI_TIMEOUT, add_custom_code, cli_command, random_image, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -95,6 +95,33 @@ def _truncate_shard(path):
     shard.write_bytes(shard.read_bytes()[:1000])
 
 
+def _index_names(path, name_of):
+    """Point the index's entries for shard 1 at name_of(path), a name that reaches outside the checkpoint."""
+    index = path / "model.safetensors.index.json"
+    cfg = json.loads(index.read_text())
+    new = name_of(path)
+    cfg["weight_map"] = {k: new if v == SHARD_1 else v for k, v in cfg["weight_map"].items()}
+    index.write_text(json.dumps(cfg))
+
+
+def _shard_outside(path):
+    """A real copy of shard 1 in a sibling directory: an index that names it would load it (exit 0) unless refused."""
+    outside = path.parent / f"{path.name}-outside"
+    outside.mkdir()
+    shutil.copy(path / SHARD_1, outside / SHARD_1)
+    return outside / SHARD_1
+
+
+def _shard_in_subdir(path):
+    (path / "sub").mkdir()
+    (path / SHARD_1).rename(path / "sub" / SHARD_1)
+    return f"sub/{SHARD_1}"
+
+
+SHARD_1 = "model-00001-of-00003.safetensors"
+NOT_PLAIN = "which is not a plain file name in the checkpoint directory (no '/', '..' or absolute path)"
+
+
 def _only_pickle(path):
     for f in path.glob("*.safetensors*"):
         f.unlink()
@@ -117,6 +144,19 @@ CHECKPOINT_CASES = {
     "no-weights": (lambda p: [f.unlink() for f in p.glob("*.safetensors*")], ["has no model.safetensors"]),
     "index-not-json": (lambda p: (p / "model.safetensors.index.json").write_text("{"),
                        ["model.safetensors.index.json is not a valid safetensors index"]),
+    # Shard names are plain file names beside the index: never a path out of the checkpoint (issue 11).
+    "index-parent-dir": (lambda p: _index_names(p, lambda q: f"../{_shard_outside(q).parent.name}/{SHARD_1}"),
+                         ["model.safetensors.index.json: weight_map entry",
+                          f"names shard '../index-parent-dir-outside/{SHARD_1}'", NOT_PLAIN]),
+    "index-absolute": (lambda p: _index_names(p, lambda q: str(_shard_outside(q).resolve())),
+                       ["model.safetensors.index.json: weight_map entry", "names shard '/", NOT_PLAIN]),
+    "index-etc-passwd": (lambda p: _index_names(p, lambda q: "../../../../etc/passwd"),
+                         ["names shard '../../../../etc/passwd'", NOT_PLAIN]),
+    "index-subdir": (lambda p: _index_names(p, _shard_in_subdir), [f"names shard 'sub/{SHARD_1}'", NOT_PLAIN]),
+    "index-weight-map-list": (lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": []}'),
+                              ["model.safetensors.index.json: weight_map must be an object"]),
+    "tokenizer-config-not-json": (lambda p: (p / "tokenizer_config.json").write_text("{"),
+                                  ["tokenizer_config.json is not valid JSON", "re-download it"]),
     "missing-shard": (lambda p: weight_files(p)[1].unlink(), ["model-00002-of-00003.safetensors, which is missing"]),
     "truncated-shard": (_truncate_shard, ["model-00001-of-00003.safetensors is truncated", "re-download"]),
     "wrong-shape": (lambda p: _edit_shard(p, lambda t: t.update({_first_2d(t): torch.zeros(3, 5)})),
@@ -137,6 +177,24 @@ def test_broken_checkpoint(cli_result, case):
     run, unchanged = cli_result
     assert_error(run, 2, *CHECKPOINT_CASES[case][1])
     assert unchanged  # nothing written into a broken checkpoint or the working directory either
+
+
+def test_checkpoint_code_is_never_run_whatever_stdin_says(ckpt, jpg, tmp_path):
+    path, marker, modules, cwd = tmp_path / "ckpt", tmp_path / "code-ran", tmp_path / "hf-modules", tmp_path / "cwd"
+    shutil.copytree(ckpt, path)
+    add_custom_code(path, marker)
+    cwd.mkdir()
+    before = _snapshot(path)
+    run = subprocess.run(cli_command("--model_path", path, "--image_file_path", jpg, "--max_tokens_to_generate", 2),
+                         input="y\n", capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=cwd,
+                         env={**os.environ, "HF_MODULES_CACHE": str(modules)})
+    # One line on stderr, nothing on stdout (no "[y/N]" prompt there), exit 2.
+    assert_error(run, 2, f"{path / 'tokenizer_config.json'}: auto_map", "evil.EvilTokenizer",
+                 "their code is never run")
+    assert not marker.exists(), "evil.py was imported"
+    # Nothing imported from the checkpoint (no __pycache__) and nothing copied to transformers' module cache.
+    assert _snapshot(path) == before and list(cwd.iterdir()) == []
+    assert not list(modules.rglob("evil*"))
 
 
 @pytest.mark.parametrize("case", ["missing", "file"])

@@ -1,10 +1,13 @@
 """Config defaults, both key layouts, dtype handling, and strict loading errors that name the key and file."""
 
 import json
+import re
 import shutil
+import sys
 
 import pytest
 import torch
+from conftest import add_custom_code
 from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaConfig as HFConfig
 
@@ -184,3 +187,51 @@ def test_config_errors(broken):
     (path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_hf_model(path, "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a checkpoint is data only: no code from it runs, no file outside it is read (issue 11)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where, auto_map", [
+    ("tokenizer_config.json", {"AutoTokenizer": ["evil.EvilTokenizer", None]}),
+    ("tokenizer_config.json", ["evil.EvilTokenizer", None]),  # the legacy list form transformers still reads
+    ("tokenizer_config.json", {"AutoTokenizer": ["other/repo--evil.EvilTokenizer", None]}),  # code from another repo
+    ("config.json", {"AutoConfig": "evil.EvilConfig"}),
+])
+def test_checkpoint_code_is_refused_not_run(broken, tmp_path, monkeypatch, where, auto_map):
+    path, _, _ = broken
+    marker = tmp_path / "code-ran"
+    add_custom_code(path, marker, auto_map, where)
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail(f"prompted on stdout: {a}"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path / where))}: auto_map .*evil\.Evil.* never run"):
+        load_hf_model(path, "cpu")
+    assert not marker.exists() and "evil" not in sys.modules
+    assert not (path / "__pycache__").exists()
+
+
+@pytest.mark.parametrize("name", [
+    "../other/model-00001-of-00003.safetensors", "../../../../etc/passwd", "/etc/passwd",
+    "sub/model-00001-of-00003.safetensors", "sub\\model.safetensors", "..", ".", "", 3, None,
+])
+def test_index_names_only_files_beside_it(broken, name):
+    path, shard, _ = broken
+    index = path / "model.safetensors.index.json"
+    cfg = json.loads(index.read_text())
+    key = next(k for k, v in cfg["weight_map"].items() if v == shard.name)
+    cfg["weight_map"][key] = name
+    index.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"weight_map entry '{re.escape(key)}' names shard .* not a plain file"):
+        weight_files(path)
+
+
+def test_symlinked_shard_loads(broken, tmp_path):
+    """The Hugging Face cache's snapshot files are symlinks into blobs/: the name is checked, not the target."""
+    path, shard, tensors = broken
+    blob = tmp_path / "blobs" / "5f3c0ffee"
+    blob.parent.mkdir()
+    shard.rename(blob)
+    shard.symlink_to(blob)
+    model, _ = load_hf_model(path, "cpu")
+    sd = model.state_dict()
+    assert all(torch.equal(sd[canonical_key(k)], v) for k, v in tensors.items() if canonical_key(k) is not None)
