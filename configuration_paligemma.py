@@ -1,8 +1,8 @@
 """Configs of the text decoder and of the whole model, and every released PaliGemma architecture by name.
 
 `GemmaConfig` covers Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2); `PaliGemmaConfig` joins it with the SigLIP
-config (modeling_siglip.py) and the special token ids. Defaults are the real checkpoints' values; utils.py fills a
-sparse hub config.json from them.
+config (modeling_siglip.py) and the special token ids. Defaults are the real checkpoints' values; `load_config` /
+`config_from_dict` fill a sparse hub config.json from them and refuse what cannot be a PaliGemma config.
 
 Checked against: transformers `models/{paligemma,gemma,gemma2}/configuration_*.py` (v5.23) and the released hub
 configs (../shared/PALIGEMMA_FACTS.md).
@@ -10,7 +10,10 @@ configs (../shared/PALIGEMMA_FACTS.md).
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from modeling_siglip import SiglipVisionConfig
 
@@ -115,3 +118,90 @@ def _named_configs() -> dict[str, PaliGemmaConfig]:
 
 
 NAMED_CONFIGS: dict[str, PaliGemmaConfig] = _named_configs()
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as-is; the message names the file/key and what to do.
+    Raised here for config.json and by utils.py's loader for the rest (utils re-exports it)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json -> PaliGemmaConfig
+# ---------------------------------------------------------------------------------------------------------------
+
+# Fields every released config lists; guessing them would only turn a broken config into shape errors.
+_REQUIRED_TEXT = ("hidden_size", "intermediate_size", "num_hidden_layers")
+_REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers")
+
+
+def _pick(src: dict, cls, defaults: dict | None = None) -> dict:
+    """The fields of dataclass `cls` present in `src` (JSON nulls mean 'absent'), over `defaults`."""
+    names = set(cls.__dataclass_fields__)
+    out = dict(defaults or {})
+    out.update({k: v for k, v in src.items() if k in names and v is not None})
+    return out
+
+
+def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
+    """Parse a hub PaliGemma config dict (sparse: absent fields take the released checkpoints' values)."""
+    if cfg.get("model_type") != "paligemma":
+        raise CheckpointError(
+            f"{source}: model_type is {cfg.get('model_type')!r}, not 'paligemma'; point --model_path at a PaliGemma "
+            "checkpoint"
+        )
+    text = cfg.get("text_config") or {}
+    vision = cfg.get("vision_config") or {}
+    for section, d, required in (("text_config", text, _REQUIRED_TEXT), ("vision_config", vision, _REQUIRED_VISION)):
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{source}: {section} must be an object")
+        for name in required:
+            if name not in d:
+                raise CheckpointError(f"{source}: required field {section}.{name} is missing; re-download config.json")
+            if isinstance(d[name], bool) or not isinstance(d[name], int) or d[name] < 1:
+                raise CheckpointError(
+                    f"{source}: {section}.{name} must be a positive integer, got {d[name]!r}; re-download config.json"
+                )
+    text_type = text.get("model_type", "gemma")
+    if text_type not in ("gemma", "gemma2"):
+        raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")
+    # hidden_activation / hidden_act are ignored on purpose: every PaliGemma uses tanh-approximate GELU, and
+    # old Gemma configs say "gelu" while meaning exactly that.
+    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, GEMMA2_DEFAULTS if text_type == "gemma2" else None))
+    vis_cfg = SiglipVisionConfig(**_pick(vision, SiglipVisionConfig))
+    eos = cfg.get("eos_token_id", 1)
+    top = {
+        # The top-level hidden_size is stale in PaliGemma 2 configs: the projector width comes from
+        # projection_dim, and failing that from the text width (never from top-level hidden_size).
+        "projection_dim": cfg.get("projection_dim") or vision.get("projection_dim") or text_cfg.hidden_size,
+        "image_token_index": cfg.get("image_token_index", cfg.get("image_token_id", 257152)),
+        "bos_token_id": cfg.get("bos_token_id", 2),
+        "pad_token_id": cfg.get("pad_token_id", 0),
+        "eos_token_id": list(eos) if isinstance(eos, (list, tuple)) else [eos],
+    }
+    if text_cfg.num_attention_heads % text_cfg.num_key_value_heads:
+        raise CheckpointError(
+            f"{source}: num_attention_heads {text_cfg.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {text_cfg.num_key_value_heads}"
+        )
+    if not 0 <= top["image_token_index"] < text_cfg.vocab_size:
+        raise CheckpointError(
+            f"{source}: image_token_index {top['image_token_index']} does not fit text_config.vocab_size "
+            f"{text_cfg.vocab_size}; the config is damaged or from another model — re-download config.json"
+        )
+    if vis_cfg.image_size % vis_cfg.patch_size:
+        raise CheckpointError(f"{source}: image_size {vis_cfg.image_size} is not a multiple of patch_size")
+    return PaliGemmaConfig(vision_config=vis_cfg, text_config=text_cfg, **top)
+
+
+def load_config(model_path: str | os.PathLike) -> PaliGemmaConfig:
+    """Read and parse `<model_path>/config.json`."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; --model_path must be a checkpoint directory with config.json")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} is not a JSON object; re-download it")
+    return config_from_dict(cfg, str(path))
