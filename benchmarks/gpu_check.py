@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch-sizes", default="64,32,8,1", help="images/s at these batch sizes, in this order")
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
-    ap.add_argument("--pytest-args", default="", help="extra arguments for the tests stage")
+    ap.add_argument("--pytest-args", default="", help="extra arguments for the tests stage, split as a shell would")
     args = ap.parse_args(argv)
     budgets = dict(BUDGETS)
     for item in filter(None, args.budgets.split(",")):
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = None
         if "tests" in stages:  # started first, in parallel with the checkpoint (which needs no GPU)
             cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests",
-                   *args.pytest_args.split()]
+                   *shlex.split(args.pytest_args)]
             env = dict(os.environ, PALIGEMMA_TEST_DEVICE=args.device)
             tests = (subprocess.Popen(cmd, stdout=tests_log, stderr=subprocess.STDOUT, text=True, cwd=str(REPO),
                                       env=env, start_new_session=True), time.perf_counter())

@@ -21,9 +21,9 @@ def run(out, ckpt, *extra):
 
 def test_every_stage_on_cpu(checkpoint, tmp_path):
     ckpt = checkpoint("pg1-legacy-mqa-224")
-    done = run(tmp_path, ckpt, "--pytest-args", "-k test_float32_prefill and pg1-legacy",
+    done = run(tmp_path, ckpt, "--pytest-args", "-k 'test_float32_prefill and pg1-legacy'",
                "--stages", "tests,checkpoint,ours,transformers-static")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((tmp_path / "results.json").read_text())
     stages = data["stages"]
     assert stages["tests"]["status"] == "passed" and "1 passed" in stages["tests"]["detail"], stages["tests"]
