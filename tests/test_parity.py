@@ -43,11 +43,11 @@ def test_prefill_logits_match(pair):
 
 def test_prefill_with_atens_kernels_matches_transformers(pair, monkeypatch):
     """With ONEDNN_LINEAR off our float32 matmuls take F.linear, ATen's kernels, the ones transformers uses (and the
-    path of fine-tuning, torch.compile and non-x86 CPUs). Not bit for bit: the sums inside the matmuls and
-    attention still depend on the call's shapes and the CPU (we fold the query heads of a KV group into one
-    attention call; MKL's AVX-512 kernels pick other blockings than its AVX2 ones). Equal on an AVX2 EPYC,
-    2.0e-6 apart on an AVX-512/AMX Xeon: the same TOL as with oneDNN bounds it on every CPU, and what does not
-    depend on the summation order is checked bit for bit in the next test."""
+    path of fine-tuning, torch.compile and non-x86 CPUs). Not bit for bit on every CPU: the sums inside the
+    matmuls and attention follow the order the CPU's kernels choose, which may also depend on the call's shapes
+    (we fold the query heads of a KV group into one attention call; transformers repeats K and V). Equal on an
+    AVX2-only EPYC, 2.0e-6 apart on an AVX-512/AMX Xeon: TOL, the bound of the oneDNN path, holds on every CPU,
+    and what does not depend on a summation order is checked bit for bit in the next test."""
     import ops
 
     model, proc, ref, _, name = pair
