@@ -1,4 +1,4 @@
-"""Bad input never crashes and never lies: the CLI's error catalogue (README "Errors"), one case per entry.
+"""Bad input never crashes and never lies: the CLI's error catalogue (docs/errors.md), one case per entry.
 
 Every failure must end in exactly one stderr line starting with "error:" that names the cause, a non-zero exit
 code (2 for bad input) and no traceback; every valid odd input must run. Most cases run `inference.py` as a
