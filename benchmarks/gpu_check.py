@@ -31,7 +31,9 @@ import argparse
 import json
 import os
 import platform
+import selectors
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -142,8 +144,6 @@ def run_with_budget(cmd: list[str], budget: float, log, on_line=None) -> tuple[s
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(REPO),
                             start_new_session=True)
-    import selectors
-
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     status = None
@@ -171,8 +171,6 @@ def run_with_budget(cmd: list[str], budget: float, log, on_line=None) -> tuple[s
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    import signal
-
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the child's own session: its helpers (compile workers) go too
     except ProcessLookupError:

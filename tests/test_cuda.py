@@ -16,12 +16,10 @@ slot) moves logits by far more; the float32 tests bound the arithmetic at 1e-5.
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import CHECKPOINTS, ROOT, random_image
+from conftest import CHECKPOINTS, random_image, run_cli
 from reference import rel_err
 
 from inference import decode_one_token, generate, generate_ids, make_processor, prefill
@@ -212,10 +210,8 @@ def test_cli_on_device_prints_what_python_generate_returns(checkpoint, tmp_path,
     path = checkpoint("pg2-legacy-gqa-224")
     image = tmp_path / "img.png"
     random_image(42, (80, 60)).save(image)
-    cmd = [sys.executable, str(ROOT / "inference.py"), "--model_path", str(path), "--prompt", "caption en",
-           "--image_file_path", str(image), "--max_tokens_to_generate", "40", "--device", DEVICE,
-           "--dtype", "bfloat16", *extra]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    run = run_cli("--model_path", path, "--prompt", "caption en", "--image_file_path", image,
+                  "--max_tokens_to_generate", "40", "--device", DEVICE, "--dtype", "bfloat16", *extra, timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"on {torch.device(DEVICE)}" in run.stderr or f"on {DEVICE}" in run.stderr, run.stderr
     from inference import load_image
