@@ -11,9 +11,12 @@ configs (../shared/PALIGEMMA_FACTS.md).
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from modeling_siglip import SiglipVisionConfig
 
@@ -47,7 +50,7 @@ class GemmaConfig:
     layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"; None -> derived
 
     def __post_init__(self) -> None:
-        if self.layer_types is None:
+        if self.layer_types is None and type(self.num_hidden_layers) is int:  # a bad count: check_config says so
             if self.sliding_window is not None:
                 # transformers (and Gemma 2 itself) alternate local/global starting with a local layer 0.
                 self.layer_types = [
@@ -72,6 +75,9 @@ class PaliGemmaConfig:
     bos_token_id: int = 2  # as config.json says; the processor takes BOS from the tokenizer
     pad_token_id: int = 0
     eos_token_id: list[int] = field(default_factory=lambda: [1])  # PaliGemma 2 configs list [1, 107]
+
+    def __post_init__(self) -> None:
+        check_config(self)  # every way in (config.json, from_name, replace, the constructor) is checked
 
     @property
     def num_image_tokens(self) -> int:
@@ -116,6 +122,112 @@ def _named_configs() -> dict[str, PaliGemmaConfig]:
             )
     return out
 
+# ---------------------------------------------------------------------------------------------------------------
+# What every field may hold: the one place config values are checked
+# ---------------------------------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """A config value of the wrong type or out of range; the message starts with the field's dotted name.
+    config_from_dict turns it into a CheckpointError naming config.json."""
+
+
+def _positive_int(v: Any) -> bool:
+    # type() rather than isinstance(): True is an int to Python, and JSON's 32.0 or "32" must not pass as 32.
+    return type(v) is int and v >= 1
+
+
+def _finite_positive(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and v > 0
+
+
+def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or rule(v)
+
+
+_POSITIVE_INT = ("a positive integer", _positive_int)
+_FINITE_POSITIVE = ("a finite number > 0", _finite_positive)
+_OPTIONAL_FINITE_POSITIVE = ("a finite number > 0, or absent", _optional(_finite_positive))
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# (what the value must be, the test), per field of each dataclass. A field missing here is a bug that
+# test_hostile.py catches (every field of every config class must have a rule).
+_RULES: dict[type, dict[str, tuple[str, Callable[[Any], bool]]]] = {
+    GemmaConfig: {
+        "model_type": ("'gemma' or 'gemma2'", lambda v: v in ("gemma", "gemma2")),
+        "vocab_size": _POSITIVE_INT, "hidden_size": _POSITIVE_INT, "intermediate_size": _POSITIVE_INT,
+        "num_hidden_layers": _POSITIVE_INT, "num_attention_heads": _POSITIVE_INT,
+        "num_key_value_heads": _POSITIVE_INT, "head_dim": _POSITIVE_INT, "max_position_embeddings": _POSITIVE_INT,
+        "rms_norm_eps": _FINITE_POSITIVE, "rope_theta": _FINITE_POSITIVE,
+        "query_pre_attn_scalar": _OPTIONAL_FINITE_POSITIVE, "attn_logit_softcapping": _OPTIONAL_FINITE_POSITIVE,
+        "final_logit_softcapping": _OPTIONAL_FINITE_POSITIVE,
+        "sliding_window": ("a positive integer, or absent", _optional(_positive_int)),
+        "layer_types": ("a list of 'full_attention' / 'sliding_attention'",
+                        lambda v: type(v) is list and all(t in _LAYER_TYPES for t in v)),
+    },
+    SiglipVisionConfig: {
+        "hidden_size": _POSITIVE_INT, "intermediate_size": _POSITIVE_INT, "num_hidden_layers": _POSITIVE_INT,
+        "num_attention_heads": _POSITIVE_INT, "image_size": _POSITIVE_INT, "patch_size": _POSITIVE_INT,
+        # The processor makes RGB pixels; another channel count would fail only inside the first convolution.
+        "num_channels": ("3 (PaliGemma reads RGB images)", lambda v: type(v) is int and v == 3),
+        "layer_norm_eps": _FINITE_POSITIVE,
+        "attention_dropout": ("a number in [0, 1)", lambda v: type(v) in (int, float) and 0 <= v < 1),
+    },
+    PaliGemmaConfig: {
+        "projection_dim": _POSITIVE_INT,
+        # The token ids are checked against the vocabulary in _check_token_ids; here only their type.
+        "image_token_index": ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0),
+        "bos_token_id": ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0),
+        "pad_token_id": ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0),
+        "eos_token_id": ("a token id or a non-empty list of them (integers >= 0)",
+                         lambda v: type(v) is list and v and all(type(t) is int and t >= 0 for t in v)),
+    },
+}
+_SECTIONS = {GemmaConfig: "text_config.", SiglipVisionConfig: "vision_config.", PaliGemmaConfig: ""}
+
+
+def _check_fields(obj: Any) -> None:
+    for f in fields(obj):
+        if f.name in ("text_config", "vision_config"):
+            continue  # checked on their own
+        rule = _RULES[type(obj)][f.name]  # a field without a rule is a KeyError on every config: a bug, not a pass
+        value = getattr(obj, f.name)
+        if not rule[1](value):
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise ConfigError(f"{_SECTIONS[type(obj)]}{f.name} must be {rule[0]}, got {shown}")
+
+
+def check_config(config: PaliGemmaConfig) -> None:
+    """Every field's type and range, then what the fields must agree on; raises ConfigError naming the field.
+
+    Checked once, here, so that no bad value reaches the model as a ZeroDivisionError, a shape error after the
+    load, or a NaN answer (rms_norm_eps NaN, rope_theta 0)."""
+    text, vision = config.text_config, config.vision_config
+    for obj in (text, vision, config):
+        _check_fields(obj)
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise ConfigError(f"text_config.num_attention_heads ({text.num_attention_heads}) must be a multiple of "
+                          f"text_config.num_key_value_heads ({text.num_key_value_heads})")
+    if len(text.layer_types) != text.num_hidden_layers:
+        raise ConfigError(f"text_config.layer_types lists {len(text.layer_types)} layers, but num_hidden_layers is "
+                          f"{text.num_hidden_layers}")
+    if "sliding_attention" in text.layer_types and text.sliding_window is None:
+        raise ConfigError("text_config.layer_types has sliding_attention layers but text_config.sliding_window "
+                          "is absent")
+    if vision.hidden_size % vision.num_attention_heads:
+        raise ConfigError(f"vision_config.hidden_size ({vision.hidden_size}) must be a multiple of "
+                          f"vision_config.num_attention_heads ({vision.num_attention_heads})")
+    if vision.image_size % vision.patch_size:
+        raise ConfigError(f"vision_config.image_size ({vision.image_size}) must be a multiple of "
+                          f"vision_config.patch_size ({vision.patch_size})")
+    if config.projection_dim != text.hidden_size:
+        # The projector writes image features into the text embeddings: their widths must match.
+        raise ConfigError(f"projection_dim ({config.projection_dim}) must equal text_config.hidden_size "
+                          f"({text.hidden_size})")
+    for name in ("image_token_index", "bos_token_id", "pad_token_id", "eos_token_id"):
+        for token in (getattr(config, name) if name == "eos_token_id" else [getattr(config, name)]):
+            if token >= text.vocab_size:
+                raise ConfigError(f"{name} {token} does not fit text_config.vocab_size {text.vocab_size}")
+
 
 NAMED_CONFIGS: dict[str, PaliGemmaConfig] = _named_configs()
 
@@ -157,40 +269,29 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
         for name in required:
             if name not in d:
                 raise CheckpointError(f"{source}: required field {section}.{name} is missing; re-download config.json")
-            if isinstance(d[name], bool) or not isinstance(d[name], int) or d[name] < 1:
-                raise CheckpointError(
-                    f"{source}: {section}.{name} must be a positive integer, got {d[name]!r}; re-download config.json"
-                )
     text_type = text.get("model_type", "gemma")
     if text_type not in ("gemma", "gemma2"):
         raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")
-    # hidden_activation / hidden_act are ignored on purpose: every PaliGemma uses tanh-approximate GELU, and
-    # old Gemma configs say "gelu" while meaning exactly that.
-    text_cfg = GemmaConfig(**_pick(text, GemmaConfig, GEMMA2_DEFAULTS if text_type == "gemma2" else None))
-    vis_cfg = SiglipVisionConfig(**_pick(vision, SiglipVisionConfig))
     eos = cfg.get("eos_token_id", 1)
-    top = {
-        # The top-level hidden_size is stale in PaliGemma 2 configs: the projector width comes from
-        # projection_dim, and failing that from the text width (never from top-level hidden_size).
-        "projection_dim": cfg.get("projection_dim") or vision.get("projection_dim") or text_cfg.hidden_size,
-        "image_token_index": cfg.get("image_token_index", cfg.get("image_token_id", 257152)),
-        "bos_token_id": cfg.get("bos_token_id", 2),
-        "pad_token_id": cfg.get("pad_token_id", 0),
-        "eos_token_id": list(eos) if isinstance(eos, (list, tuple)) else [eos],
-    }
-    if text_cfg.num_attention_heads % text_cfg.num_key_value_heads:
-        raise CheckpointError(
-            f"{source}: num_attention_heads {text_cfg.num_attention_heads} is not a multiple of "
-            f"num_key_value_heads {text_cfg.num_key_value_heads}"
+    # The top-level hidden_size is stale in PaliGemma 2 configs: the projector width comes from projection_dim,
+    # and failing that from the text width (never from top-level hidden_size).
+    projection_dim = next((v for v in (cfg.get("projection_dim"), vision.get("projection_dim")) if v is not None),
+                          None)
+    try:
+        # hidden_activation / hidden_act are ignored on purpose: every PaliGemma uses tanh-approximate GELU, and
+        # old Gemma configs say "gelu" while meaning exactly that.
+        text_cfg = GemmaConfig(**_pick(text, GemmaConfig, GEMMA2_DEFAULTS if text_type == "gemma2" else None))
+        return PaliGemmaConfig(
+            vision_config=SiglipVisionConfig(**_pick(vision, SiglipVisionConfig)),
+            text_config=text_cfg,
+            projection_dim=text_cfg.hidden_size if projection_dim is None else projection_dim,
+            image_token_index=cfg.get("image_token_index", cfg.get("image_token_id", 257152)),
+            bos_token_id=cfg.get("bos_token_id", 2),
+            pad_token_id=cfg.get("pad_token_id", 0),
+            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
         )
-    if not 0 <= top["image_token_index"] < text_cfg.vocab_size:
-        raise CheckpointError(
-            f"{source}: image_token_index {top['image_token_index']} does not fit text_config.vocab_size "
-            f"{text_cfg.vocab_size}; the config is damaged or from another model — re-download config.json"
-        )
-    if vis_cfg.image_size % vis_cfg.patch_size:
-        raise CheckpointError(f"{source}: image_size {vis_cfg.image_size} is not a multiple of patch_size")
-    return PaliGemmaConfig(vision_config=vis_cfg, text_config=text_cfg, **top)
+    except ConfigError as e:  # check_config, run by PaliGemmaConfig itself
+        raise CheckpointError(f"{source}: {e}; fix the value or re-download config.json") from None
 
 
 def load_config(model_path: str | os.PathLike) -> PaliGemmaConfig:
@@ -202,6 +303,8 @@ def load_config(model_path: str | os.PathLike) -> PaliGemmaConfig:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+    except RecursionError:  # json's parser recurses per nesting level; a config is two levels deep
+        raise CheckpointError(f"{path} is nested too deeply to be a config; re-download it") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} is not a JSON object; re-download it")
     return config_from_dict(cfg, str(path))

@@ -1,0 +1,251 @@
+"""Reading a checkpoint's safetensors weights into a model built on the meta device: which files (the index, or
+`model.safetensors`), each file checked to be a readable regular file named inside the checkpoint directory,
+every key mapped onto our module names (legacy and transformers-5 layouts), every shape and dtype checked,
+every tensor checked to be finite, and float32 -> bf16 (or host -> GPU) conversion through one small staging
+buffer, so peak memory stays near one copy of the weights. Pickled `*.bin` checkpoints are refused.
+
+Checked against: the hub checkpoints' key layouts (../shared/PALIGEMMA_FACTS.md) and transformers' conversion
+scripts; tests/test_loader.py and test_errors.py / test_hostile.py run every refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from configuration_paligemma import CheckpointError
+from modeling_gemma import PaliGemmaForConditionalGeneration
+
+# Converting a float32 checkpoint to bf16 (or copying to a GPU) reads through one staging buffer of this many
+# bytes, so the 2.1 GB float32 embedding never exists in host memory beside its converted copy.
+_CHUNK_BYTES = 64 << 20
+
+
+# Newer transformers save `model.<part>.*` (and no `.model.` level under the language model); map them onto the
+# hub's legacy names, which are our module paths. Tied `lm_head.weight` copies are skipped without reading.
+_NEW_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+_TIED_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+
+
+def canonical_key(key: str) -> str | None:
+    """Checkpoint key -> our parameter name (None for a tied lm_head copy, which is not loaded)."""
+    if key in _TIED_HEAD_KEYS:
+        return None
+    for new, legacy in _NEW_PREFIXES:
+        if key.startswith(new):
+            key = legacy + key[len(new):]
+            break
+    # transformers 5 keeps the SigLIP transformer directly under vision_tower (no `vision_model.` level).
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def _check_shard_name(index: Path, key: str, name: Any) -> None:
+    """An index entry must name a plain file beside the index: no directory part, no "..", not absolute, so an
+    index can never make us open a file outside the checkpoint directory. The NAME is checked, not where it
+    resolves to: the file itself may be a symlink (the Hugging Face cache's snapshots link into blobs/)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name)):
+        raise CheckpointError(
+            f"{index}: weight_map entry {key!r} names shard {name!r}, which is not a plain file name in the "
+            "checkpoint directory (no '/', '..' or absolute path); nothing outside it is read — re-download the index"
+        )
+
+
+def _check_weight_file(path: Path, subject: str) -> None:
+    """A weight file must be a readable regular file (it may be reached through a symlink). `subject` starts the
+    message: "<index> names shard X, which" or the file's path."""
+    try:
+        st = path.stat()  # follows symlinks, as opening would
+    except FileNotFoundError:
+        link = " (a symlink to a missing file)" if path.is_symlink() else ""
+        raise CheckpointError(f"{subject} is missing{link}; re-download it") from None
+    except OSError as e:  # ELOOP for a symlink loop, EACCES for a directory we may not search
+        raise CheckpointError(f"{subject} cannot be opened ({e.strerror}); re-download it") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{subject} is a directory, not a safetensors file; re-download it")
+    if not stat.S_ISREG(st.st_mode):
+        # A FIFO or a device would block or never end; a weight file is a plain file.
+        raise CheckpointError(f"{subject} is not a regular file (a FIFO, socket or device); re-download it")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{subject} cannot be read (permission denied); check its permissions")
+
+
+def weight_files(model_path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint, from the index when there is one. Refuses pickled weights."""
+    root = Path(model_path)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+            detail = " ".join(str(e).split())[:200] or type(e).__name__
+            raise CheckpointError(f"{index} is not a valid safetensors index ({detail}); re-download it") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map must be an object (tensor name -> shard file); re-download it")
+        for key, name in weight_map.items():
+            _check_shard_name(index, key, name)
+        files = [root / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            _check_weight_file(f, f"{index} names shard {f.name}, which")
+        return files
+    single = root / "model.safetensors"
+    if single.exists() or single.is_symlink():  # a dangling link or a FIFO is reported as what it is
+        _check_weight_file(single, f"{single}")
+        return [single]
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
+        raise CheckpointError(
+            f"{root} holds only pickled weights (*.bin/*.pt); they are refused because unpickling runs code — "
+            "download the safetensors files of the checkpoint"
+        )
+    raise CheckpointError(f"{root} has no model.safetensors or model.safetensors.index.json; download the weights")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+class _ShardReader:
+    """Reads tensors of one safetensors file by explicit file reads into a reused staging buffer.
+
+    Used when the stored dtype or device differs from the target. Converting through safetensors' zero-copy
+    slices would fault the whole float32 shard into this process's memory map (counted in RSS until the file
+    closes, so a float32 checkpoint loaded as bf16 would peak far above the bf16 weights). Plain reads keep the
+    peak at the converted weights plus one staging buffer.
+    """
+
+    def __init__(self, path: Path):
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        header_len = int.from_bytes(self.file.read(8), "little")
+        self.header = json.loads(self.file.read(header_len))
+        self.data_start = 8 + header_len  # data_offsets are relative to the end of the header
+        self.staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+
+    def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        info = self.header[key]
+        src_dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        out = torch.empty(info["shape"], dtype=dtype, device=device)
+        flat = out.view(-1)
+        per_chunk = _CHUNK_BYTES // src_dtype.itemsize
+        offset = self.data_start + info["data_offsets"][0]
+        buf = memoryview(self.staging.numpy())
+        for start in range(0, flat.numel(), per_chunk):
+            n = min(per_chunk, flat.numel() - start)
+            nbytes = n * src_dtype.itemsize
+            self.file.seek(offset + start * src_dtype.itemsize)
+            got = 0
+            while got < nbytes:  # raw reads may return short
+                r = self.file.readinto(buf[got:nbytes])
+                if not r:
+                    raise CheckpointError(f"{Path(self.file.name).name} ends inside tensor {key}; re-download it")
+                got += r
+            # safetensors stores little-endian data, which is every platform torch runs on.
+            flat[start:start + n].copy_(self.staging[:nbytes].view(src_dtype))
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _check_finite(t: torch.Tensor, what: str, stored_as: torch.dtype) -> None:
+    """Refuse a tensor holding NaN or +-Inf: one such value makes every answer empty or garbage, silently.
+
+    min and max propagate NaN and show an infinity, so one reduction pass (no temporary the tensor's size, as
+    isfinite(t).all() would allocate) tells. It runs on the tensor as loaded, after any conversion, so a value
+    beyond float16's range read into float16 is caught too; that case is named as such, not as damage.
+    """
+    if t.numel() == 0:
+        return
+    low, high = torch.aminmax(t)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    if not bool(torch.isnan(low) | torch.isnan(high)) and t.dtype == torch.float16 != stored_as:
+        raise CheckpointError(f"{what} has values beyond float16's range; load it as bfloat16 or float32")
+    kind = "NaN" if bool(torch.isnan(low) | torch.isnan(high)) else "an infinite value"
+    raise CheckpointError(f"{what} holds {kind}; the checkpoint is damaged — re-download it")
+
+
+def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype,
+                 on_bytes: Callable[[int], None] | None = None):
+    """Stream every tensor of the checkpoint into `model` (built on meta) with full key/shape/dtype checks.
+
+    on_bytes (progress): called with each tensor's size in bytes, and with the rest of each shard's file size
+    (header, skipped tensors) after it, so the calls add up to the weight files' total size.
+    """
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    loaded: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for path in weight_files(model_path):
+        reader: _ShardReader | None = None  # opened on the first tensor that needs converting
+        shard_done = 0
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = canonical_key(key)
+                    sl = f.get_slice(key)
+                    if sl.get_dtype() not in _SAFETENSORS_DTYPES:
+                        raise CheckpointError(
+                            f"{path.name}: tensor {key} has dtype {sl.get_dtype()}; PaliGemma weights are "
+                            "float32, bfloat16 or float16 (float8 and integer tensors are not read) — use the "
+                            "original checkpoint's files"
+                        )
+                    shape = torch.Size(sl.get_shape())
+                    if name is None:  # tied lm_head copy: check it, don't load it
+                        emb = expected["language_model.model.embed_tokens.weight"]
+                        if shape != emb:
+                            raise CheckpointError(f"{path.name}: {key} has shape {tuple(shape)}, expected {tuple(emb)}")
+                        continue
+                    if name not in expected:
+                        raise CheckpointError(
+                            f"{path.name}: unexpected tensor {key} (not part of this config's model); "
+                            "check config.json matches the weights"
+                        )
+                    if name in loaded:
+                        raise CheckpointError(f"{path.name}: tensor {key} also appears in {where[name]}")
+                    if shape != expected[name]:
+                        raise CheckpointError(
+                            f"{path.name}: tensor {key} has shape {tuple(shape)}, expected {tuple(expected[name])} "
+                            "from config.json; the checkpoint and its config disagree"
+                        )
+                    if _SAFETENSORS_DTYPES[sl.get_dtype()] == dtype and device.type == "cpu":
+                        # Zero-copy: the tensor is a view of the file's memory map, paged in on first use.
+                        loaded[name] = f.get_tensor(key)
+                    else:
+                        reader = reader or _ShardReader(path)
+                        loaded[name] = reader.read(key, dtype, device)
+                    where[name] = path.name
+                    _check_finite(loaded[name], f"{path.name}: tensor {key}", _SAFETENSORS_DTYPES[sl.get_dtype()])
+                    if on_bytes is not None:
+                        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                        on_bytes(nbytes)
+                        shard_done += nbytes
+        except SafetensorError as e:
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
+        except PermissionError:
+            raise CheckpointError(f"{path} cannot be read (permission denied); check its permissions") from None
+        finally:
+            if reader is not None:
+                reader.close()
+        if on_bytes is not None:
+            on_bytes(path.stat().st_size - shard_done)
+    missing = [k for k in expected if k not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-download")
+    # Every key and shape was checked above, so strict=True cannot fail here; assign=True adopts our tensors
+    # instead of copying into meta storage.
+    model.load_state_dict(loaded, strict=True, assign=True)
