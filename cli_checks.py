@@ -10,16 +10,20 @@ exit code and one line (docs/errors.md). tests/test_errors.py, test_many.py and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import glob
 import inspect
 import os
+import signal
+import stat
 import struct
 import sys
 import textwrap
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fileio import atomic_path
 from processing_paligemma import ProcessorError
 from utils import CheckpointError
 
@@ -39,6 +44,10 @@ class UsageError(ValueError):
     """A command-line flag that is missing, unknown or has a bad value."""
 
 
+class OutputError(ValueError):
+    """An answer or a drawing that cannot be written (stdout closed, a full disk); the message says where."""
+
+
 def load_image(path: str) -> Image.Image:
     """Open an image file fully (so truncation is caught here), apply EXIF orientation as transformers does.
 
@@ -49,11 +58,19 @@ def load_image(path: str) -> Image.Image:
     p = Path(path)
     if not str(path):
         raise ImageError("no image given; pass --image_file_path FILE")
-    if not p.exists():
-        raise ImageError(f"image file {p} does not exist; check --image_file_path")
-    if p.is_dir():
+    try:
+        st = p.stat()  # follows symlinks, as opening does
+    except FileNotFoundError:
+        dangling = " (a symlink to a missing file)" if p.is_symlink() else ""
+        raise ImageError(f"image file {p} does not exist{dangling}; check --image_file_path") from None
+    except OSError as e:  # ELOOP: a symlink loop; EACCES: a directory on the way we may not enter
+        raise ImageError(f"image path {p} cannot be opened ({e.strerror}); check --image_file_path") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"image path {p} is a directory; give an image file inside it")
-    if p.stat().st_size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        # Reading a FIFO or socket would wait for a writer forever, /dev/zero never ends.
+        raise ImageError(f"image path {p} is not a regular file (a FIFO, socket or device); give an image file")
+    if st.st_size == 0:
         raise ImageError(f"image file {p} is empty (0 bytes); re-download or re-save it")
     try:
         with warnings.catch_warnings():
@@ -257,20 +274,66 @@ def _is_option(tok: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if sys.stderr is not None:  # started with stderr closed (2>&-): nothing can be said, the exit code still tells
+        print(msg, file=sys.stderr, flush=True)
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Save a drawing whole or not at all (fileio.atomic_path), in the format its extension names."""
+    fmt = Image.registered_extensions()[path.suffix.lower()]  # output_image_paths allowed only known extensions
+    try:
+        with atomic_path(path) as tmp:
+            image.save(tmp, format=fmt)
+    except OSError as e:
+        raise OutputError(f"cannot write --output_image {path} ({e.strerror or one_line(e)}); check the disk "
+                          "space and the directory") from None
 
 
 def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-# Exit codes: 2 bad input (flags, image, checkpoint), 1 out of memory or an unexpected error, 130 interrupted.
-EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
+# Exit codes: 2 bad input (flags, image, checkpoint), 1 out of memory or an unexpected error, 128 + N for a
+# stop by signal N (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP), as a shell reports a process killed by it.
+EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 128 + signal.SIGINT
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or Ctrl-C), raised where the program is, so it unwinds as Ctrl-C does: temporary files
+    removed, one line said. A KeyboardInterrupt, so code that lets Ctrl-C through lets these through too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs, SIGINT, SIGTERM and SIGHUP raise Stopped (the previous handlers come back after).
+    Only the main thread may set handlers; elsewhere (a notebook's worker thread) the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
 
 def describe(e: BaseException, stage: str) -> tuple[int, str]:
     """An exception -> (exit code, the one-line message after "error: ")."""
     if isinstance(e, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, f"interrupted while {stage}"
+        signum = getattr(e, "signum", signal.SIGINT)
+        if signum == signal.SIGINT:
+            return EXIT_INTERRUPTED, f"interrupted while {stage}"
+        return 128 + signum, f"stopped by {signal.Signals(signum).name} while {stage}"
     oom = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
     if oom:
@@ -353,6 +416,9 @@ def output_image_paths(output_image, image_paths: Sequence[str], many: bool) -> 
             raise UsageError(f"--output_image {out}: directory {out.parent} does not exist")
         targets = [out]
     for target in targets:
+        if target.exists() and not target.is_file():
+            raise UsageError(f"--output_image {target} exists and is not a regular file (a device, FIFO or socket); "
+                             "give the path of an image file")
         if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
             raise UsageError(f"--output_image {target} is not writable; check the directory's permissions")
         for src in image_paths:

@@ -50,7 +50,7 @@ class GemmaConfig:
     layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"; None -> derived
 
     def __post_init__(self) -> None:
-        if self.layer_types is None and type(self.num_hidden_layers) is int:  # a bad count: check_config says so
+        if self.layer_types is None and _COUNT[1](self.num_hidden_layers):  # a bad count: check_config says so
             if self.sliding_window is not None:
                 # transformers (and Gemma 2 itself) alternate local/global starting with a local layer 0.
                 self.layer_types = [
@@ -131,9 +131,9 @@ class ConfigError(ValueError):
     config_from_dict turns it into a CheckpointError naming config.json."""
 
 
-def _positive_int(v: Any) -> bool:
+def _int_in(low: int, high: int) -> Callable[[Any], bool]:
     # type() rather than isinstance(): True is an int to Python, and JSON's 32.0 or "32" must not pass as 32.
-    return type(v) is int and v >= 1
+    return lambda v: type(v) is int and low <= v <= high
 
 
 def _finite_positive(v: Any) -> bool:
@@ -144,9 +144,13 @@ def _optional(rule: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or rule(v)
 
 
-_POSITIVE_INT = ("a positive integer", _positive_int)
+# Upper bounds far above every released model (vocab 257216, width 4608, 46 layers, 896 px), low enough that a
+# damaged value is refused here rather than hanging or overflowing while the model is built.
+_SIZE = ("a positive integer up to 2**24", _int_in(1, 2**24))
+_COUNT = ("a positive integer up to 1024", _int_in(1, 1024))
 _FINITE_POSITIVE = ("a finite number > 0", _finite_positive)
 _OPTIONAL_FINITE_POSITIVE = ("a finite number > 0, or absent", _optional(_finite_positive))
+_TOKEN_ID = ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0)
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # (what the value must be, the test), per field of each dataclass. A field missing here is a bug that
@@ -154,30 +158,29 @@ _LAYER_TYPES = ("full_attention", "sliding_attention")
 _RULES: dict[type, dict[str, tuple[str, Callable[[Any], bool]]]] = {
     GemmaConfig: {
         "model_type": ("'gemma' or 'gemma2'", lambda v: v in ("gemma", "gemma2")),
-        "vocab_size": _POSITIVE_INT, "hidden_size": _POSITIVE_INT, "intermediate_size": _POSITIVE_INT,
-        "num_hidden_layers": _POSITIVE_INT, "num_attention_heads": _POSITIVE_INT,
-        "num_key_value_heads": _POSITIVE_INT, "head_dim": _POSITIVE_INT, "max_position_embeddings": _POSITIVE_INT,
+        "vocab_size": _SIZE, "hidden_size": _SIZE, "intermediate_size": _SIZE, "num_hidden_layers": _COUNT,
+        "num_attention_heads": _COUNT, "num_key_value_heads": _COUNT, "head_dim": _SIZE,
+        "max_position_embeddings": _SIZE,
         "rms_norm_eps": _FINITE_POSITIVE, "rope_theta": _FINITE_POSITIVE,
         "query_pre_attn_scalar": _OPTIONAL_FINITE_POSITIVE, "attn_logit_softcapping": _OPTIONAL_FINITE_POSITIVE,
         "final_logit_softcapping": _OPTIONAL_FINITE_POSITIVE,
-        "sliding_window": ("a positive integer, or absent", _optional(_positive_int)),
+        "sliding_window": ("a positive integer up to 2**24, or absent", _optional(_int_in(1, 2**24))),
         "layer_types": ("a list of 'full_attention' / 'sliding_attention'",
                         lambda v: type(v) is list and all(t in _LAYER_TYPES for t in v)),
     },
     SiglipVisionConfig: {
-        "hidden_size": _POSITIVE_INT, "intermediate_size": _POSITIVE_INT, "num_hidden_layers": _POSITIVE_INT,
-        "num_attention_heads": _POSITIVE_INT, "image_size": _POSITIVE_INT, "patch_size": _POSITIVE_INT,
+        "hidden_size": _SIZE, "intermediate_size": _SIZE, "num_hidden_layers": _COUNT,
+        "num_attention_heads": _COUNT, "image_size": ("a positive integer up to 16384", _int_in(1, 2**14)),
+        "patch_size": ("a positive integer up to 16384", _int_in(1, 2**14)),
         # The processor makes RGB pixels; another channel count would fail only inside the first convolution.
         "num_channels": ("3 (PaliGemma reads RGB images)", lambda v: type(v) is int and v == 3),
         "layer_norm_eps": _FINITE_POSITIVE,
         "attention_dropout": ("a number in [0, 1)", lambda v: type(v) in (int, float) and 0 <= v < 1),
     },
     PaliGemmaConfig: {
-        "projection_dim": _POSITIVE_INT,
+        "projection_dim": _SIZE,
         # The token ids are checked against the vocabulary in _check_token_ids; here only their type.
-        "image_token_index": ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0),
-        "bos_token_id": ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0),
-        "pad_token_id": ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0),
+        "image_token_index": _TOKEN_ID, "bos_token_id": _TOKEN_ID, "pad_token_id": _TOKEN_ID,
         "eos_token_id": ("a token id or a non-empty list of them (integers >= 0)",
                          lambda v: type(v) is list and v and all(type(t) is int and t >= 0 for t in v)),
     },

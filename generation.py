@@ -14,6 +14,7 @@ Checked against transformers' `GenerationMixin` greedy/sampling semantics (parit
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,23 @@ from modeling_gemma import KVCache, PaliGemmaForConditionalGeneration
 from processing_paligemma import PaliGemmaProcessor
 
 
+def _number(v: object) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)  # bool is not a number here; inf and NaN are refused
+
+
+# What each sampling setting must be: (the words for the error, the test). The one statement of these rules:
+# SamplingConfig checks them, and the command line's flags (inference.FLAGS) use the same entries.
+SAMPLING_RULES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "max_new_tokens": ("a positive integer", lambda v: type(v) is int and v >= 1),
+    "do_sample": ("True or False", lambda v: type(v) is bool),
+    "temperature": ("a finite number >= 0", lambda v: _number(v) and v >= 0),
+    "top_p": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "top_k": ("an integer >= 0", lambda v: type(v) is int and v >= 0),
+    # torch.Generator.manual_seed takes any 64-bit unsigned value, and no more.
+    "seed": ("an integer in [0, 2**64), or None", lambda v: v is None or (type(v) is int and 0 <= v < 2**64)),
+}
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the next token is chosen, and how many.
@@ -33,6 +51,7 @@ class SamplingConfig:
     Greedy (argmax) unless do_sample and temperature > 0. Sampling: divide the logits by temperature, keep the
     top_k best (0 = all), then the nucleus (the smallest set of best tokens whose probability sums to >= top_p),
     and draw from what is left, renormalised, with a generator seeded by `seed` (None: a random seed).
+    Raises ValueError naming the setting when a value breaks SAMPLING_RULES.
     """
 
     max_new_tokens: int = 100
@@ -41,6 +60,28 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, (must, ok) in SAMPLING_RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {must}, got {value!r}")
+
+
+class NonFiniteError(ValueError):
+    """The model's logits hold NaN or Inf: damaged weights or config values, or float16 overflow."""
+
+
+def _non_finite(where: str) -> NonFiniteError:
+    return NonFiniteError(
+        f"the model's output holds NaN or Inf ({where}); the checkpoint's weights or config.json values are "
+        "broken, or float16 overflowed — try --dtype bfloat16 or float32, or re-download the checkpoint")
+
+
+def check_finite_logits(logits: torch.Tensor, where: str) -> None:
+    """Raise NonFiniteError unless every logit is finite (reads the tensor: a device sync)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise _non_finite(where)
 
 
 def sample_next_token(
@@ -55,7 +96,9 @@ def sample_next_token(
     logits = logits.float()
     if not do_sample or temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # Shifted so the best logit is 0 before dividing: every value is then <= 0, and a tiny temperature sends the
+    # others to -inf instead of overflowing to inf - inf = NaN in the softmax (the same distribution otherwise).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,6 +107,7 @@ def sample_next_token(
         probs = torch.softmax(sorted_logits, dim=-1)
         # A token stays if the tokens ranked above it sum to < top_p; the best token always stays.
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop[..., 0] = False  # explicitly: a top_p below float32's smallest value compares as 0 >= 0
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
@@ -176,9 +220,7 @@ def generate_ids(
         sampling = loose
     elif loose != SamplingConfig():
         raise ValueError("give the sampling settings either as sampling=SamplingConfig(...) or one by one, not both")
-    n_new = sampling.max_new_tokens
-    if n_new < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {n_new}")
+    n_new = sampling.max_new_tokens  # SamplingConfig has checked every setting
     device = model.device
     input_ids = input_ids.to(device)
     pixel_values = pixel_values.to(device)
@@ -205,13 +247,24 @@ def generate_ids(
     next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
     logits = prefill_fn(model, compile)(model, input_ids, pixel_values, attention_mask, cache, position_ids,
                                         prefill_dtype or auto_prefill_dtype(model))
+    # One read of the prompt's logits catches what broken weights or config values do to every answer (an
+    # empty "" or garbage, otherwise); a NaN that first appears while decoding is caught below.
+    check_finite_logits(logits, "after the prompt")
     step_fn = compiled_decode_step(model) if compile else decode_one_token
     check_every = _EOS_CHECK_EVERY.get(device.type, 8)
+    # Sampling must see finite logits (a NaN probability is an error inside multinomial); greedy decoding only
+    # needs to be told before it returns, so on a GPU the check waits for the EOS check's device sync.
+    check_each_step = sampling.do_sample or check_every == 1
 
     out = []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    non_finite = torch.zeros((), dtype=torch.bool, device=device)
     input_pos = torch.tensor([T], device=device)  # cache slot of the next token, advanced on the device
     for step in range(n_new):
+        if step and check_each_step:
+            check_finite_logits(logits, f"at new token {step + 1}")
+        elif step:
+            non_finite |= ~torch.isfinite(logits).all()
         token = sample_next_token(logits, sampling.do_sample, sampling.temperature, sampling.top_p, sampling.top_k,
                                   generator)
         token = token.masked_fill(finished, pad)
@@ -219,12 +272,14 @@ def generate_ids(
         if on_token is not None:
             on_token(token)
         finished |= torch.isin(token, eos)
-        if step == n_new - 1 or ((step + 1) % check_every == 0 and bool(finished.all())):
+        if step == n_new - 1 or ((step + 1) % check_every == 0 and bool(finished.all() | non_finite)):
             break
         logits = step_fn(model, token[:, None], input_pos, next_pos, cache)
         # New tensors, not in-place updates: a CUDA-graph step may still hold the previous ones as inputs.
         input_pos = input_pos + 1
         next_pos = next_pos + 1
+    if bool(non_finite):
+        raise _non_finite("while decoding")
     return torch.stack(out, dim=1)
 
 

@@ -13,10 +13,25 @@ The generation library lives in generation.py; its names are re-exported here, s
 
 from __future__ import annotations
 
-import json as _json  # FLAGS has a --json flag
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    # Set before the imports below (torch and transformers take about a second), so a Ctrl-C, SIGTERM or SIGHUP
+    # that arrives while they run is one line and 128 + N too; cli() puts in its own handlers once it runs.
+    def _stopped_while_starting(signum: int, frame: object) -> None:
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        os.write(2, f"error: {what} while starting\n".encode())  # as cli_checks.describe words it
+        os._exit(128 + signum)
+
+    for _name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, _name):
+            signal.signal(getattr(signal, _name), _stopped_while_starting)
+
+import json as _json  # FLAGS has a --json flag
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +45,7 @@ from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this 
     EXIT_FAILURE,
     Flag,
     ImageError,
+    OutputError,
     UsageError,
     args_doc,
     check_options,
@@ -43,9 +59,12 @@ from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this 
     options_class,
     output_image_paths,
     parse_argv,
+    save_image,
     signature_of,
+    stop_on_signals,
 )
 from generation import (  # noqa: F401 — re-exported: `from inference import ...` as before generation.py existed
+    SAMPLING_RULES,
     SamplingConfig,
     TextStream,
     auto_prefill_dtype,
@@ -58,7 +77,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     prefill,
     sample_next_token,
 )
-from processing_paligemma import Detection, draw_detections, parse_detections, to_rgb
+from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb
 from utils import load_hf_model, resolve_device_dtype
 
 
@@ -76,10 +95,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("image_file_path", list, None, 'the image to ask about; or several files, a directory, or a quoted glob '
          '("imgs/*.jpg").', short="i", metavar="IMAGE", required="the image to ask about"),
     Flag("max_tokens_to_generate", int, 100, "most new tokens to generate (stops earlier at EOS).",
-         valid=("a positive integer", _at_least(1))),
+         valid=SAMPLING_RULES["max_new_tokens"]),
     Flag("temperature", float, 0.8, "sampling temperature (used with --do_sample True; 0 means greedy).",
-         valid=("a number >= 0", _at_least(0))),
-    Flag("top_p", float, 0.9, "nucleus sampling threshold in (0, 1].", valid=("in (0, 1]", lambda v: 0 < v <= 1)),
+         valid=SAMPLING_RULES["temperature"]),
+    Flag("top_p", float, 0.9, "nucleus sampling threshold in (0, 1].", valid=SAMPLING_RULES["top_p"]),
     Flag("do_sample", bool, False, "sample instead of greedy decoding."),
     Flag("only_cpu", bool, False, "force the CPU even if CUDA/MPS is available."),
     Flag("device", str, None, "cpu, cuda, cuda:N or mps.", metavar="DEVICE",
@@ -87,9 +106,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("dtype", str, None, "float32, bfloat16 or float16.", metavar="DTYPE",
          shown_default="float32 on CPU, bfloat16 on CUDA/MPS"),
     Flag("top_k", int, 0, "keep only the k most likely tokens when sampling (0 = off).",
-         valid=("an integer >= 0", _at_least(0))),
+         valid=SAMPLING_RULES["top_k"]),
     Flag("seed", int, None, "random seed for sampling, for reproducible output.", shown_default="a random seed",
-         valid=("an integer >= 0", _at_least(0))),
+         valid=SAMPLING_RULES["seed"]),
     Flag("debug", bool, False, "show Python tracebacks instead of one-line errors."),
     Flag("stream", bool, True, "one image, plain text: print the answer token by token as it is generated."),
     Flag("json", bool, False, 'one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain '
@@ -150,6 +169,7 @@ def main(*args: Any, **flags: Any) -> None:
         check_options(options, FLAGS)
         if options.only_cpu and options.device is not None and str(options.device) != "cpu":
             raise UsageError(f"--only_cpu True contradicts --device {options.device}; give one of them")
+        check_prompt(options.prompt, "--prompt")
         paths, many = expand_image_paths(options.image_file_path)
         drawings = output_image_paths(options.output_image, paths, many)
         device, dtype = resolve_device_dtype("cpu" if options.only_cpu else options.device, options.dtype)
@@ -203,15 +223,15 @@ def _answer_one(model, processor, run: _Run, path, image, stream, as_json, drawi
     if as_json or drawing:
         boxes, problems = parse_detections(text, *image.size)
     if drawing:
-        draw_detections(image, boxes).save(drawing)
+        save_image(draw_detections(image, boxes), drawing)
         log(f"note: drew {len(boxes)} box{'es' * (len(boxes) != 1)} on {drawing}")
         for problem in problems:
             log(f"note: {problem}")
     if as_json:
-        print(_json.dumps(_record(path, text, boxes, problems), ensure_ascii=False))
+        _emit(_json.dumps(_record(path, text, boxes, problems), ensure_ascii=False) + "\n")
     else:
         done = "".join(shown)
-        print(text[len(done):] if text.startswith(done) else "")  # the rest (all of it when not streamed), "\n"
+        _emit((text[len(done):] if text.startswith(done) else "") + "\n")  # the rest (all when not streamed)
 
 
 def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> int:
@@ -234,9 +254,9 @@ def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> in
                     boxes, problems = parse_detections(text, *images[i].size)
                     records[i] = _record(chunk[i], text, boxes, problems)
                     if drawings:
-                        draw_detections(images[i], boxes).save(drawings[start + i])
+                        save_image(draw_detections(images[i], boxes), drawings[start + i])
             for i in range(len(chunk)):
-                print(_json.dumps(records[i], ensure_ascii=False), flush=True)
+                _emit(_json.dumps(records[i], ensure_ascii=False) + "\n")
                 failed += "error" in records[i]
             bar.update(len(chunk))
     return failed
@@ -303,10 +323,28 @@ class _Stats:
 def _show(shown: list[str]) -> Callable[[str], None]:
     """on_text for streaming to stdout: each piece written and flushed at once, and remembered in `shown`."""
     def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        _emit(piece)
         shown.append(piece)
     return show
+
+
+def _emit(text: str) -> None:
+    """Write to stdout and flush at once (answers stream, and a failure is met here, not at exit). A closed pipe
+    goes to cli()'s handler; any other write error (a full disk, an I/O error) is an OutputError."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _drop_stdout()
+        raise OutputError(f"cannot write the answer to stdout ({e.strerror or one_line(e)}); check where stdout "
+                          "goes (a full disk?)") from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush at exit does not fail again with a traceback."""
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — lives until exit
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -318,23 +356,37 @@ def cli(argv: Sequence[str] | None = None) -> None:
     bool flags alone, several image paths, help) are ours, so a fire upgrade that changes its own argv rules or
     help format changes nothing here."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        given = parse_argv(argv, FLAGS)
-    except UsageError as e:
-        log(f"error: {e}")
+    if sys.stdout is None:  # started with stdout closed (>&-): the answers would have nowhere to go
+        log("error: stdout is closed; run with stdout open, e.g. redirected to a file (> answers.txt)")
         sys.exit(EXIT_BAD_INPUT)
-    try:
-        if given is None:
-            sys.stdout.write(help_text(FLAGS, "inference.py", ABOUT, EXAMPLES, EXIT_CODES))
-        else:
-            import fire
+    with stop_on_signals(), warnings.catch_warnings():
+        try:
+            given = parse_argv(argv, FLAGS)
+            if given is None or given.get("debug") != "True":
+                _quiet_libraries()
+            if given is None:
+                _emit(help_text(FLAGS, "inference.py", ABOUT, EXAMPLES, EXIT_CODES))
+            else:
+                import fire
 
-            fire.Fire(main, command=fire_command(given, FLAGS), name="inference.py")
-        sys.stdout.flush()  # a block-buffered stdout would otherwise fail only at exit, outside this handler
-    except BrokenPipeError:  # stdout closed early (e.g. piped into head): not worth a traceback
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 — keeps the interpreter's final flush quiet
-        log("error: stdout was closed before the answer was written (e.g. piped into head)")
-        sys.exit(EXIT_FAILURE)
+                fire.Fire(main, command=fire_command(given, FLAGS), name="inference.py")
+        except (UsageError, OutputError, KeyboardInterrupt) as e:  # main() reports its own; these come before it
+            code, message = describe(e, "starting")
+            log(f"error: {message}")
+            sys.exit(code)
+        except BrokenPipeError:  # stdout closed early (e.g. piped into head): not worth a traceback
+            _drop_stdout()
+            log("error: stdout was closed before the answer was written (e.g. piped into head)")
+            sys.exit(EXIT_FAILURE)
+
+
+def _quiet_libraries() -> None:
+    """The command line's stderr holds our lines only: warnings from torch, numpy, Pillow or transformers (for a
+    developer, not for the user of a CLI; --debug keeps them) are silenced inside cli()'s catch_warnings block."""
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported (at load)
+    if "transformers" in sys.modules:  # imported already: in-process callers such as the tests
+        sys.modules["transformers"].logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,33 @@ def image_token_id(tokenizer) -> int:
     return token_id
 
 
+def check_prompt(prompt: object, name: str = "prompt") -> str:
+    """A prompt must be text the tokenizer can take: a str, valid Unicode, without the literal `<image>` (the
+    processor puts the image tokens first itself; one more would ask for a second image). Returns it; raises
+    ProcessorError naming `name` (the command line passes "--prompt")."""
+    if not isinstance(prompt, str):
+        raise ProcessorError(f"{name} must be a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: argv bytes that were not UTF-8, decoded with surrogateescape
+        raise ProcessorError(f"{name} holds bytes that are not valid UTF-8 text (at character {e.start}); give the "
+                             "prompt as UTF-8 text") from None
+    if IMAGE_TOKEN in prompt:
+        raise ProcessorError(f"{name} contains the text {IMAGE_TOKEN}: the image tokens are put before every prompt "
+                             f"for you — remove {IMAGE_TOKEN} from the {name}")
+    return prompt
+
+
+def _as_batch(value: object, name: str, kind: type, what: str) -> list:
+    """`value` as a list of `kind` (one `kind` alone is a batch of one); ProcessorError naming `name` otherwise."""
+    items = [value] if isinstance(value, kind) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, kind) for v in items):
+        shown = type(value).__name__ if not isinstance(value, (list, tuple)) else \
+            f"a {type(value).__name__} holding {', '.join(sorted({type(v).__name__ for v in value}))}"
+        raise ProcessorError(f"{name} must be {what}, got {shown}")
+    return list(items)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB, compositing transparency onto white (as transformers' convert_to_rgb does).
 
@@ -89,8 +116,7 @@ class PaliGemmaProcessor:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """`<image>` × N, BOS, the prompt's tokens, "\\n" (not added twice when the prompt ends with one)."""
-        if not isinstance(prompt, str):
-            raise ProcessorError(f"a prompt must be a string, got {type(prompt).__name__}")
+        check_prompt(prompt)
         # The "\n" is tokenized together with the prompt, as transformers does, so a prompt ending in
         # whitespace merges with it exactly as it would there.
         text = prompt if prompt.endswith("\n") else prompt + "\n"
@@ -99,15 +125,14 @@ class PaliGemmaProcessor:
     def __call__(self, text: Sequence[str] | str,
                  images: Sequence[Image.Image] | Image.Image) -> dict[str, torch.Tensor]:
         """One prompt per image (a single str and image are a batch of one) -> the tensors described above."""
-        prompts = [text] if isinstance(text, str) else list(text)
-        imgs = [images] if isinstance(images, Image.Image) else list(images)
+        prompts = _as_batch(text, "text", str, "a prompt string or a list of them")
+        imgs = _as_batch(images, "images", Image.Image, "a PIL.Image.Image or a list of them (open files with "
+                         "PIL.Image.open(path), arrays with PIL.Image.fromarray(array))")
         if len(prompts) != len(imgs):
             raise ProcessorError(f"got {len(prompts)} prompts for {len(imgs)} images; give one prompt per image")
         if not prompts:
             raise ProcessorError("no prompts/images given")
         for im in imgs:
-            if not isinstance(im, Image.Image):
-                raise ProcessorError(f"images must be PIL images, got {type(im).__name__}")
             if im.width < 1 or im.height < 1:
                 raise ProcessorError(f"an image is empty ({im.width}x{im.height} pixels); give a real picture")
         ids = [self.prompt_ids(p) for p in prompts]

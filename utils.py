@@ -87,7 +87,8 @@ def load_tokenizer(model_path, config: PaliGemmaConfig):
     except Exception as e:  # transformers raises many types for missing/broken files
         raise CheckpointError(
             f"cannot load the tokenizer from {model_path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "the directory needs tokenizer.json or tokenizer.model with tokenizer_config.json"
+            "the directory needs tokenizer.json, or a valid SentencePiece tokenizer.model, with tokenizer_config.json "
+            "— re-download them"
         ) from None
     try:
         image_id = image_token_id(tok)
@@ -103,7 +104,8 @@ def load_tokenizer(model_path, config: PaliGemmaConfig):
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64}  # float64: for tight parity tests from Python; slow, never needed to run
 
 
 def resolve_device_dtype(device: str | torch.device | None = None,
@@ -122,6 +124,8 @@ def resolve_device_dtype(device: str | torch.device | None = None,
             dev = torch.device(device)
         except (RuntimeError, TypeError):
             raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        if dev.type not in ("cpu", "cuda", "mps"):  # meta holds no data; xpu, hpu, ... are not supported
+            raise ValueError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -131,6 +135,9 @@ def resolve_device_dtype(device: str | torch.device | None = None,
     if dtype is None:
         return dev, torch.float32 if dev.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16, torch.float16 or "
+                             "torch.float64")
         return dev, dtype
     if str(dtype) not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")

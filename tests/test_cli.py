@@ -26,7 +26,7 @@ def test_seed_command_prints_greedy_text(checkpoint, tmp_path, name):
 def test_bad_flag_is_one_error_line(ckpt, tmp_path):
     run = run_cli("--model_path", ckpt, "--prompt", "x", "--image_file_path", tmp_path / "none.jpg", "--top_p", "0")
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == ["error: --top_p must be in (0, 1], got 0"]
+    assert run.stderr.strip().splitlines() == ["error: --top_p must be a number in (0, 1], got 0"]
 
 
 def test_compile_on_cpu_runs_eager_with_a_note(ckpt, tmp_path):
