@@ -185,9 +185,9 @@ def main(*args: Any, **flags: Any) -> None:
         stage = "loading the model"
         started = time.perf_counter()
         model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None)  # packs where it pays
+        stage = "generating"  # before the "loaded" line: what follows it is generation
         log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
         stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None
-        stage = "generating"
         processor = make_processor(model, tokenizer)
         sampling = SamplingConfig(max_new_tokens=options.max_tokens_to_generate, do_sample=options.do_sample,
                                   temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
