@@ -18,15 +18,23 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from processing_paligemma import _COLORS, _LOC, _LOC_RUN, _SEG_RUN, Detection, _report_stray, _short, \
-    draw_detections, to_rgb
+from processing_paligemma import (
+    _COLORS,
+    _LOC,
+    _LOC_RUN,
+    _SEG_RUN,
+    Detection,
+    _report_stray,
+    _short,
+    draw_detections,
+    to_rgb,
+)
 
 NUM_CODES = 128  # <seg000> .. <seg127>
 CODES_PER_MASK = 16  # a 4 × 4 grid
@@ -240,7 +248,8 @@ class Segment:
 
     def to_json(self) -> dict:
         """label, box, the mask as COCO run-length encoding (pycocotools' format) and its area in pixels."""
-        return {"label": self.label, "box": list(self.box), "mask": mask_to_rle(self.mask), "area": int(self.mask.sum())}
+        return {"label": self.label, "box": list(self.box), "mask": mask_to_rle(self.mask),
+                "area": int(self.mask.sum())}
 
 
 def mask_to_rle(mask: np.ndarray) -> dict:
@@ -352,3 +361,62 @@ def mask_to_tokens(mask: np.ndarray, vae: MaskVAE, box: Sequence[float] | None =
     codes = vae.encode(resized.to(vae.device))[0].tolist()
     bins = np.clip(np.round(bbox * np.float32(LOC_MAX)), 0, LOC_MAX).astype(np.int64)
     return "".join(f"<loc{b:04d}>" for b in bins) + "".join(f"<seg{c:03d}>" for c in codes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line: --vae_path, the JSON fields and the drawing of a segmentation answer
+# ---------------------------------------------------------------------------------------------------------------
+
+# Where the file is published on the Hugging Face hub (a Space of the big_vision team, beside its demo);
+# big_vision itself reads gs://big_vision/paligemma/vae-oid.npz.
+HUB_VAE = "hf://spaces/big-vision/paligemma-hf/vae-oid.npz"
+_HUB_PATH = re.compile(r"hf://(?:(spaces|datasets|models)/)?([\w.-]+/[\w.-]+)/(.+)", re.ASCII)
+
+
+def resolve_vae_path(vae_path: str | None, model_path: str | os.PathLike) -> str | None:
+    """--vae_path -> a local file, or None (no masks). Given: a file as it is; `hf://[spaces/]owner/name/file`
+    downloaded through the Hugging Face cache (HF_HUB_OFFLINE=1: the cache only). Not given: `vae-oid.npz` in
+    the checkpoint directory when it holds one. Raises VaeError with one line when the hub cannot provide it."""
+    if vae_path is None:
+        default = os.path.join(os.fspath(model_path), VAE_FILE)
+        return default if os.path.isfile(default) else None
+    hub = _HUB_PATH.fullmatch(vae_path)
+    if hub is None:
+        return vae_path
+    from huggingface_hub import constants, hf_hub_download  # only for a hub location: a slow import
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    kind, repo, filename = hub.groups()
+    advice = f"download {VAE_FILE} with network access and give its path to --vae_path"
+    try:
+        return hf_hub_download(repo, filename, repo_type=(kind or "models")[:-1])
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not cached
+        raise VaeError(f"cannot get {vae_path}: it is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                       f"the hub cannot be reached or HF_HUB_OFFLINE=1 forbids it; {advice}") from None
+    except (EntryNotFoundError, HfHubHTTPError) as e:  # no such repository or file, or a refused download
+        detail = " ".join(str(e).split())[:160]
+        raise VaeError(f"cannot get {vae_path} from the Hugging Face hub ({detail}); {advice}") from None
+
+
+def read_segments(text: str, image: Image.Image, vae: MaskVAE | None, log) -> tuple[list[Segment] | None, list[str]]:
+    """The CLI's view of an answer: (segments, problems) for a segmentation answer when there is a VAE; else
+    (None, []) — and, for a segmentation answer without a VAE, a note through `log` that masks need --vae_path."""
+    if "<seg" not in text:
+        return None, []
+    if vae is None:
+        log("note: the answer holds segmentation masks (<seg> tokens); give --vae_path vae-oid.npz to decode them "
+            "(README, Segmentation)")
+        return None, []
+    return parse_segments(text, image.width, image.height, vae)
+
+
+def draw_segments(image: Image.Image, segments: Sequence[Segment], opacity: float = 0.45) -> Image.Image:
+    """A copy of `image` (as RGB) with each mask filled in its label's translucent colour, then the boxes and
+    labels as draw_detections draws them (the same colour per label, in order of first appearance)."""
+    out = np.asarray(to_rgb(image), dtype=np.float32).copy()
+    colors: dict[str, tuple[int, int, int]] = {}
+    for s in segments:
+        color = np.array(colors.setdefault(s.label, _COLORS[len(colors) % len(_COLORS)]), np.float32)
+        out[s.mask] = (1 - opacity) * out[s.mask] + opacity * color
+    boxes = [Detection(s.label, tuple(float(v) for v in s.box), s.loc) for s in segments]
+    return draw_detections(Image.fromarray(np.round(out).astype(np.uint8)), boxes)
