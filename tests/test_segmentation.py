@@ -12,9 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from segmentation import (
     VaeError,
+    draw_segments,
     load_vae,
     mask_to_rle,
     mask_to_tokens,
@@ -205,3 +207,32 @@ def test_any_string_parses_without_exception(vae, text, width, height):
     for s in segments:
         x0, y0, x1, y1 = s.box
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height and s.label and s.mask.shape == (height, width)
+
+
+def test_drawn_masks_tint_the_mask_and_change_nothing_outside_the_boxes(golden, vae):
+    text = f"{golden['paste_texts'][0].replace('thing', 'cat')} ; {golden['paste_texts'][1].replace('thing', 'dog')}"
+    w, h = golden["paste_sizes"][0]
+    segments, _ = parse_segments(str(text), int(w), int(h), vae)
+    image = Image.new("RGB", (int(w), int(h)), (128, 128, 128))
+    drawn = np.asarray(draw_segments(image, segments)).astype(int)
+    changed = (drawn != 128).any(-1)
+    inside = np.zeros_like(changed)
+    for s in segments:
+        x0, y0, x1, y1 = s.box
+        inside[y0:y1, x0:x1] = True
+    assert not (changed & ~inside).any()
+    only_cat = segments[0].mask & ~segments[1].mask  # tinted by the cat's colour (the first label's, red)
+    assert only_cat.any() and (drawn[only_cat][:, 0] > 128).mean() > 0.9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_and_encode_on_cuda_match_big_vision(golden, vae_file):
+    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, not TF32
+    gpu = load_vae(vae_file).to("cuda")
+    masks = gpu.decode(torch.from_numpy(golden["decode_codes"]).cuda())
+    assert masks.device.type == "cuda"
+    expected = golden["decode_masks"]
+    assert np.abs(masks.cpu().numpy() - expected).max() / np.abs(expected).max() <= 1e-5
+    assert np.array_equal(gpu.encode(torch.from_numpy(golden["encode_masks"]).cuda()).cpu().numpy(),
+                          golden["encode_codes"])
