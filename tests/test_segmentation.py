@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data.make_segmentation_golden import float_weights
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -33,9 +34,8 @@ def golden():
 
 
 def vae_arrays(golden) -> dict[str, np.ndarray]:
-    """The golden file's weights as the float32 arrays big_vision read (int8 levels · 2^-exp, exact)."""
-    return {k: golden[k].astype(np.float32) * np.float32(2.0 ** -int(golden[k + "@exp"]))
-            for k in golden if k + "@exp" in golden}
+    """The golden file's weights as the float32 arrays big_vision read (the golden script's own rebuild)."""
+    return float_weights(golden)
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def random_weights(rng) -> dict[str, np.ndarray]:
 
 
 def float_weights(golden) -> dict[str, np.ndarray]:
+    """The float32 vae-oid.npz arrays: int8 levels · 2^-exp, exact (the tests rebuild the file with this too)."""
     return {k: golden[k].astype(np.float32) * np.float32(2.0 ** -int(golden[k + "@exp"]))
             for k in layout()}
 
