@@ -7,7 +7,8 @@ the real vae-oid.npz decoder shapes (timings do not depend on the values).
 
 The second form times big_vision's own jitted `reconstruct_masks` on the same weights (same seed) in the venv that
 tests/data/make_segmentation_golden.py uses; it needs no torch. Prints a markdown row: the CPU model, threads, the
-median of --repeat runs after one warm-up.
+median of --repeat runs after one warm-up, and the
+load average (on a shared machine, fewer threads than cores can be much faster: rerun with --threads 1).
 """
 
 import argparse
@@ -50,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--big_vision", help="time big_vision's reconstruct_masks instead (a checkout's path)")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     args = parser.parse_args()
     weights = {k: v for k, v in float_weights(random_weights(np.random.default_rng(0))).items()
                if not k.startswith("encoder.")}
@@ -71,15 +73,20 @@ def main() -> None:
 
             from segmentation import load_vae, parse_segments
 
+            if args.threads:
+                torch.set_num_threads(args.threads)
+
             vae = load_vae(path)
             decode_ms = median_ms(lambda: vae.decode(torch.from_numpy(codes)), args.repeat)
             answer = " ; ".join("<loc0100><loc0100><loc0900><loc0900>" + "".join(f"<seg{c:03d}>" for c in row) +
                                 f" thing {i}" for i, row in enumerate(codes))
             parse_ms = f"{median_ms(lambda: parse_segments(answer, 640, 480, vae), args.repeat):.1f}"
             who, threads = f"this project (torch {torch.__version__})", str(torch.get_num_threads())
-    print("| implementation | CPU | threads | decode 16 masks, ms | parse_segments 16 objects 640×480, ms |")
-    print("|---|---|---|---|---|")
-    print(f"| {who} | {cpu_model()} | {threads} | {decode_ms:.1f} | {parse_ms} |")
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "-"
+    print("| implementation | CPU | threads | load average | decode 16 masks, ms | parse_segments 16 objects 640×480, "
+          "ms |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {who} | {cpu_model()} ({os.cpu_count()} cores) | {threads} | {load} | {decode_ms:.1f} | {parse_ms} |")
 
 
 if __name__ == "__main__":
