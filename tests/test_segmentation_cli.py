@@ -11,7 +11,7 @@ from conftest import cli_in_process as cli
 from conftest import random_image
 from PIL import Image
 from pycocotools import mask as coco_mask
-from test_segmentation import golden, vae, vae_file  # noqa: F401 — fixtures
+from test_segmentation import golden, vae, vae_arrays, vae_file  # noqa: F401 — fixtures
 
 import inference
 from segmentation import draw_segments, parse_segments
@@ -76,18 +76,32 @@ def test_default_vae_beside_the_checkpoint_and_many_images(ckpt, capsys, answer,
         assert Image.open(out_dir / line["path"].split("/")[-1]).size == (w, h)
 
 
-@pytest.mark.parametrize("value, needle", [
-    ("missing.npz", "missing.npz does not exist"),
-    ("hf://spaces/big-vision/paligemma-hf/vae-oid.npz", "cannot get hf://spaces/big-vision/paligemma-hf/vae-oid.npz"),
+def _junk(tmp_path, weights):
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    return tmp_path / "junk.npz"
+
+
+def _lacking(tmp_path, weights):
+    arrays = {k: v for k, v in weights.items() if k != "decoder.12.bias"}
+    np.savez(tmp_path / "part.npz", **arrays)
+    return tmp_path / "part.npz"
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda tmp_path, weights: tmp_path / "missing.npz", "missing.npz does not exist; download vae-oid.npz"),
+    (_junk, "junk.npz is not a readable .npz file"),
+    (_lacking, "part.npz lacks the key 'decoder.12.bias'"),
+    (lambda tmp_path, weights: "hf://spaces/big-vision/paligemma-hf/vae-oid.npz",
+     "cannot get hf://spaces/big-vision/paligemma-hf/vae-oid.npz: it is not in the Hugging Face cache"),
 ])
-def test_bad_vae_path_is_one_error_line_before_the_model_loads(ckpt, capsys, monkeypatch, tmp_path, value, needle):
+def test_bad_vae_path_is_one_error_line_before_the_model_loads(ckpt, capsys, monkeypatch, tmp_path, golden,  # noqa: F811
+                                                               make, needle):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub location is tried from an empty cache
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "img.png"
     random_image(3, (20, 20)).save(image)
-    code, out, err = cli(capsys, "--model_path", ckpt, "-i", image, "--vae_path", tmp_path / value
-                         if value.endswith("missing.npz") else value)
+    code, out, err = cli(capsys, "--model_path", ckpt, "-i", image, "--vae_path", make(tmp_path, vae_arrays(golden)))
     assert code == 2 and out == "" and "loaded" not in err
     assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
