@@ -94,8 +94,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("debug", bool, False, "show Python tracebacks instead of one-line errors."),
     Flag("stream", bool, True, "one image, plain text: print the answer token by token as it is generated."),
     Flag("json", bool, False, 'one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain '
-         "answer.", short="j"),
-    Flag("output_image", str, None, "draw the detected boxes and labels: a file (.png, .jpg) for one image, an "
+         'answer (and "segments", masks as COCO RLE, for a segmentation answer with a VAE).', short="j"),
+    Flag("output_image", str, None, "draw the detected boxes and labels (and masks, with a VAE): a file (.png, .jpg) for one image, an "
          "existing directory for several (each drawn as <name>.png).", metavar="PATH", shown_default="no drawing"),
     Flag("vae_path", str, None, "the mask VAE that turns segment answers into masks: big_vision's vae-oid.npz, or "
          f"a hub location such as {HUB_VAE}.", metavar="PATH",

@@ -75,6 +75,7 @@ def _decoder_shapes() -> dict[str, tuple[int, ...]]:
 _ENCODER_CONVS = ("encoder.0", "encoder.2", "encoder.4", "encoder.6")  # stride 2 each: 64 -> 32 -> 16 -> 8 -> 4
 _ENCODER_BLOCKS = ("encoder.8.net", "encoder.9.net")
 _ENCODER_OUT = "encoder.10"
+_ENCODER_LAYERS = (*_ENCODER_CONVS, *(f"{b}.{i}" for b in _ENCODER_BLOCKS for i in (0, 2, 4)), _ENCODER_OUT)
 
 
 def _check_encoder(arrays: dict[str, np.ndarray], path: str) -> None:
@@ -82,8 +83,7 @@ def _check_encoder(arrays: dict[str, np.ndarray], path: str) -> None:
     same), so only their consistency is checked: square kernels, one input channel, each layer's input = the
     previous output, residual blocks keeping their width, EMBED_DIM channels out, a bias per output channel."""
     channels = 1
-    names = [*_ENCODER_CONVS, *(f"{b}.{i}" for b in _ENCODER_BLOCKS for i in (0, 2, 4)), _ENCODER_OUT]
-    for name in names:
+    for name in _ENCODER_LAYERS:
         w, b = arrays[f"{name}.weight"], arrays[f"{name}.bias"]
         out = EMBED_DIM if name == _ENCODER_OUT else (channels if ".net." in name else w.shape[0])
         if w.ndim != 4 or w.shape[2] != w.shape[3] or w.shape[:2] != (out, channels):
@@ -92,11 +92,6 @@ def _check_encoder(arrays: dict[str, np.ndarray], path: str) -> None:
         if b.shape != (out,):
             raise VaeError(f"{path}: {name}.bias has shape {tuple(b.shape)}, expected ({out},)")
         channels = out
-
-
-def _encoder_keys() -> list[str]:
-    names = [*_ENCODER_CONVS, *(f"{b}.{i}" for b in _ENCODER_BLOCKS for i in (0, 2, 4)), _ENCODER_OUT]
-    return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
 
 
 def load_vae(path: str | os.PathLike) -> MaskVAE:
@@ -116,7 +111,8 @@ def load_vae(path: str | os.PathLike) -> MaskVAE:
         raise VaeError(f"{path} is not a readable .npz file ({e}); give big_vision's {VAE_FILE}") from None
     with npz:
         keys = set(npz.files)
-        halves = {"decoder": list(_decoder_shapes()), "encoder": _encoder_keys()}
+        halves = {"decoder": list(_decoder_shapes()),
+                  "encoder": [f"{n}.{p}" for n in _ENCODER_LAYERS for p in ("weight", "bias")]}
         wanted = ["_vq_vae._embedding"] + [k for h, ks in halves.items() if any(n.startswith(h + ".") for n in keys)
                                            for k in ks]
         if len(wanted) == 1:

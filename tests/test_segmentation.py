@@ -228,11 +228,11 @@ def test_drawn_masks_tint_the_mask_and_change_nothing_outside_the_boxes(golden, 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_decode_and_encode_on_cuda_match_big_vision(golden, vae_file):
-    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions, not TF32
     gpu = load_vae(vae_file).to("cuda")
-    masks = gpu.decode(torch.from_numpy(golden["decode_codes"]).cuda())
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # float32 convolutions, not TF32
+        masks = gpu.decode(torch.from_numpy(golden["decode_codes"]).cuda())
+        codes = gpu.encode(torch.from_numpy(golden["encode_masks"]).cuda())
     assert masks.device.type == "cuda"
     expected = golden["decode_masks"]
     assert np.abs(masks.cpu().numpy() - expected).max() / np.abs(expected).max() <= 1e-5
-    assert np.array_equal(gpu.encode(torch.from_numpy(golden["encode_masks"]).cuda()).cpu().numpy(),
-                          golden["encode_codes"])
+    assert np.array_equal(codes.cpu().numpy(), golden["encode_codes"])
