@@ -95,8 +95,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("stream", bool, True, "one image, plain text: print the answer token by token as it is generated."),
     Flag("json", bool, False, 'one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain '
          'answer (and "segments", masks as COCO RLE, for a segmentation answer with a VAE).', short="j"),
-    Flag("output_image", str, None, "draw the detected boxes and labels (and masks, with a VAE): a file (.png, .jpg) for one image, an "
-         "existing directory for several (each drawn as <name>.png).", metavar="PATH", shown_default="no drawing"),
+    Flag("output_image", str, None, "draw the detected boxes and labels (and masks, with a VAE): a file (.png, "
+         ".jpg) for one image, an existing directory for several (each drawn as <name>.png).", metavar="PATH",
+         shown_default="no drawing"),
     Flag("vae_path", str, None, "the mask VAE that turns segment answers into masks: big_vision's vae-oid.npz, or "
          f"a hub location such as {HUB_VAE}.", metavar="PATH",
          shown_default="vae-oid.npz in the checkpoint directory if there is one, else no masks"),
