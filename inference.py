@@ -78,6 +78,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     sample_next_token,
 )
 from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb
+from segmentation import HUB_VAE, Segment, draw_segments, load_vae, read_segments, resolve_vae_path
 from utils import load_hf_model, resolve_device_dtype
 
 
@@ -112,9 +113,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("debug", bool, False, "show Python tracebacks instead of one-line errors."),
     Flag("stream", bool, True, "one image, plain text: print the answer token by token as it is generated."),
     Flag("json", bool, False, 'one image: print {"path", "text", "boxes", "problems"} as JSON instead of the plain '
-         "answer.", short="j"),
-    Flag("output_image", str, None, "draw the detected boxes and labels: a file (.png, .jpg) for one image, an "
-         "existing directory for several (each drawn as <name>.png).", metavar="PATH", shown_default="no drawing"),
+         'answer (and "segments", masks as COCO RLE, for a segmentation answer with a VAE).', short="j"),
+    Flag("output_image", str, None, "draw the detected boxes and labels (and masks, with a VAE): a file (.png, "
+         ".jpg) for one image, an existing directory for several (each drawn as <name>.png).", metavar="PATH",
+         shown_default="no drawing"),
+    Flag("vae_path", str, None, "the mask VAE that turns segment answers into masks: big_vision's vae-oid.npz, or "
+         f"a hub location such as {HUB_VAE}.", metavar="PATH",
+         shown_default="vae-oid.npz in the checkpoint directory if there is one, else no masks"),
     Flag("batch_size", int, 8, "images per forward pass when there are several.", short="b",
          valid=("a positive integer", _at_least(1))),
     Flag("verbose", bool, False, "print load time, time to first token and tokens/s (images/s for several) to "
@@ -154,6 +159,7 @@ class _Run:
     sampling: SamplingConfig
     compile: bool
     stats: _Stats | None
+    vae: Any = None  # segmentation.MaskVAE, on the model's device, or None
 
 
 def main(*args: Any, **flags: Any) -> None:
@@ -182,6 +188,9 @@ def main(*args: Any, **flags: Any) -> None:
         if not many:
             stage = "reading the image"
             image = load_image(paths[0])  # before the model: a bad image should not cost a long load
+        stage = "loading the mask VAE"
+        vae_path = resolve_vae_path(options.vae_path, options.model_path)
+        vae = load_vae(vae_path) if vae_path else None
         stage = "loading the model"
         started = time.perf_counter()
         model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None)  # packs where it pays
@@ -192,7 +201,8 @@ def main(*args: Any, **flags: Any) -> None:
         sampling = SamplingConfig(max_new_tokens=options.max_tokens_to_generate, do_sample=options.do_sample,
                                   temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
                                   seed=options.seed)
-        run = _Run(prompt=str(options.prompt), sampling=sampling, compile=compile, stats=stats)
+        run = _Run(prompt=str(options.prompt), sampling=sampling, compile=compile, stats=stats,
+                   vae=vae and vae.to(model.device))
         if many:
             failed = _answer_many(model, processor, run, paths, options.batch_size, drawings)
         else:
@@ -220,15 +230,17 @@ def _answer_one(model, processor, run: _Run, path, image, stream, as_json, drawi
     """One image: the plain answer (streamed, or all at the end) or one JSON object; the drawing if asked for."""
     shown: list[str] = []
     text = _generate(model, processor, run, [image], _show(shown) if stream else None)[0]
+    segments, seg_problems = read_segments(text, image, run.vae, log)  # (None, []): not segmentation, or no VAE
     if as_json or drawing:
         boxes, problems = parse_detections(text, *image.size)
+        problems = problems if segments is None else seg_problems
     if drawing:
-        save_image(draw_detections(image, boxes), drawing)
+        save_image(draw_detections(image, boxes) if segments is None else draw_segments(image, segments), drawing)
         log(f"note: drew {len(boxes)} box{'es' * (len(boxes) != 1)} on {drawing}")
         for problem in problems:
             log(f"note: {problem}")
     if as_json:
-        _emit(_json.dumps(_record(path, text, boxes, problems), ensure_ascii=False) + "\n")
+        _emit(_json.dumps(_record(path, text, boxes, problems, segments), ensure_ascii=False) + "\n")
     else:
         done = "".join(shown)
         _emit((text[len(done):] if text.startswith(done) else "") + "\n")  # the rest (all when not streamed)
@@ -252,9 +264,13 @@ def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> in
                 texts = _generate(model, processor, run, [images[i] for i in rows])
                 for i, text in zip(rows, texts, strict=True):
                     boxes, problems = parse_detections(text, *images[i].size)
-                    records[i] = _record(chunk[i], text, boxes, problems)
+                    segments, seg_problems = read_segments(text, images[i], run.vae, log)
+                    records[i] = _record(chunk[i], text, boxes, problems if segments is None else seg_problems,
+                                         segments)
                     if drawings:
-                        save_image(draw_detections(images[i], boxes), drawings[start + i])
+                        drawn = draw_detections(images[i], boxes) if segments is None else \
+                            draw_segments(images[i], segments)
+                        save_image(drawn, drawings[start + i])
             for i in range(len(chunk)):
                 _emit(_json.dumps(records[i], ensure_ascii=False) + "\n")
                 failed += "error" in records[i]
@@ -274,8 +290,12 @@ def _generate(model, processor, run: _Run, images, on_text=None) -> list[str]:
     return texts
 
 
-def _record(path: str, text: str, boxes: list[Detection], problems: list[str]) -> dict:
-    return {"path": path, "text": text, "boxes": [b.to_json() for b in boxes], "problems": problems}
+def _record(path: str, text: str, boxes: list[Detection], problems: list[str],
+            segments: list[Segment] | None = None) -> dict:
+    record = {"path": path, "text": text, "boxes": [b.to_json() for b in boxes], "problems": problems}
+    if segments is not None:  # a segmentation answer decoded with --vae_path: masks as COCO RLE
+        record["segments"] = [s.to_json() for s in segments]
+    return record
 
 
 class _Stats:
