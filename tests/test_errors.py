@@ -277,7 +277,9 @@ GOOD_IMAGES = {
 def test_odd_but_valid_image_runs(cli_result, name):
     run, unchanged = cli_result
     assert_ok(run)
-    notes = [line for line in run.stderr.splitlines() if line.startswith("note:")]
+    # The random tiny model may answer with <seg> tokens, which brings the note that masks need --vae_path: a note
+    # about the answer, not about the image, so it is left out here.
+    notes = [line for line in run.stderr.splitlines() if line.startswith("note:") and "--vae_path" not in line]
     assert notes == (["note: animated.gif has 3 frames; using the first"] if name == "animated.gif" else [])
     # Nothing written anywhere the user did not ask for: not the checkpoint, not the working directory.
     assert unchanged
