@@ -77,6 +77,8 @@ class PaliGemmaConfig:
     eos_token_id: list[int] = field(default_factory=lambda: [1])  # PaliGemma 2 configs list [1, 107]
 
     def __post_init__(self) -> None:
+        if type(self.eos_token_id) is int:  # config.json may give one id or a list (PaliGemma 2: [1, 107])
+            self.eos_token_id = [self.eos_token_id]
         check_config(self)  # every way in (config.json, from_name, replace, the constructor) is checked
 
     @property
@@ -181,7 +183,7 @@ _RULES: dict[type, dict[str, tuple[str, Callable[[Any], bool]]]] = {
         "projection_dim": _SIZE,
         # The token ids are checked against the vocabulary in _check_token_ids; here only their type.
         "image_token_index": _TOKEN_ID, "bos_token_id": _TOKEN_ID, "pad_token_id": _TOKEN_ID,
-        "eos_token_id": ("a token id or a non-empty list of them (integers >= 0)",
+        "eos_token_id": ("a token id or a non-empty list of them (integers >= 0)",  # one id is listed already
                          lambda v: type(v) is list and v and all(type(t) is int and t >= 0 for t in v)),
     },
 }
@@ -291,7 +293,7 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
             image_token_index=cfg.get("image_token_index", cfg.get("image_token_id", 257152)),
             bos_token_id=cfg.get("bos_token_id", 2),
             pad_token_id=cfg.get("pad_token_id", 0),
-            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else [eos],
+            eos_token_id=list(eos) if isinstance(eos, (list, tuple)) else eos,  # one id: listed by __post_init__
         )
     except ConfigError as e:  # check_config, run by PaliGemmaConfig itself
         raise CheckpointError(f"{source}: {e}; fix the value or re-download config.json") from None
