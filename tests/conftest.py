@@ -104,6 +104,29 @@ def run_cli(*args, cwd=None, env: dict | None = None, timeout: float = CLI_TIMEO
     return subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=environ)
 
 
+def run_cli_here(*args, cwd=None) -> subprocess.CompletedProcess:
+    """inference.cli(ARGS) in this process, in directory `cwd`, stdout and stderr captured: what run_cli returns,
+    without the ~3 s of interpreter start-up and imports. For the tests about what the CLI says, not about the
+    process itself (file descriptors, signals, environment read at import: those use run_cli)."""
+    import contextlib
+    import io
+
+    import inference
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            inference.cli([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["inference.cli", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def cli_in_process(capsys, *args) -> tuple[int, str, str]:
     """inference.cli(ARGS) in this process, the same path as the command line without ~3 s of interpreter start-up
     -> (exit code, stdout, stderr)."""

@@ -1,9 +1,9 @@
 """Bad input never crashes and never lies: the CLI's error catalogue (docs/errors.md), one case per entry.
 
 Every failure must end in exactly one stderr line starting with "error:" that names the cause, a non-zero exit
-code (2 for bad input) and no traceback; every valid odd input must run. Most cases run `inference.py` as a
-subprocess on a mutated copy of one tiny checkpoint (started together, in parallel: see `runs` at the end);
-resource failures are simulated in-process.
+code (2 for bad input) and no traceback; every valid odd input must run. Most cases run the command line's
+cli() in this process on a mutated copy of one tiny checkpoint (see `runs` at the end; the closed-stdout case runs
+`inference.py` as a subprocess); resource failures are simulated in-process.
 """
 
 import json
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLI_TIMEOUT, add_custom_code, cli_command, random_image, run_cli
+from conftest import CLI_TIMEOUT, add_custom_code, cli_command, random_image, run_cli_here
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -475,8 +475,7 @@ def test_debug_shows_the_real_exception(ckpt, jpg, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the CLI runs of the selected tests, started together on all cores (each is ~1-4 s of mostly single-threaded
-# imports)
+# the CLI runs of the selected tests
 # ---------------------------------------------------------------------------------------------------------------
 
 def _closed_stdout_run(args, cwd) -> subprocess.CompletedProcess:
@@ -491,9 +490,15 @@ def _closed_stdout_run(args, cwd) -> subprocess.CompletedProcess:
 
 def _job(args, watch, cwd):
     before = [_snapshot(w) for w in watch]
-    run = _closed_stdout_run(args[1:], cwd) if args[0] == "closed-stdout" else run_cli(*args, cwd=cwd)
+    run = _closed_stdout_run(args[1:], cwd) if args[0] == SUBPROCESS_KIND else run_cli_here(*args, cwd=cwd)
     unchanged = [_snapshot(w) for w in watch] == before and list(cwd.iterdir()) == []
     return run, unchanged
+
+
+# The one kind that needs a process of its own (its stdout is a closed pipe); the others run the same cli() in
+# this process, one at a time, without ~3 s of imports each (the subprocess path itself is tested in test_cli.py
+# and test_hostile.py).
+SUBPROCESS_KIND = "closed-stdout"
 
 
 # The kinds of run, slowest (full runs) first, so that all cores stay busy to the end.
@@ -562,7 +567,11 @@ class Runs:
             args, watch = cli_job(*key, self.ckpt, self.jpg, self.base)
             cwd = self.base / "cwd" / str(len(self.futures))
             cwd.mkdir(parents=True)
-            self.futures[key] = self.pool.submit(_job, args, watch, cwd)
+            if key[0] == SUBPROCESS_KIND:
+                self.futures[key] = self.pool.submit(_job, args, watch, cwd)
+            else:  # in this process and thread (cli() sets signal handlers, which only the main thread may)
+                self.futures[key] = Future()
+                self.futures[key].set_result(_job(args, watch, cwd))
         return self.futures[key]
 
 
@@ -577,7 +586,8 @@ def runs(request, ckpt, jpg, tmp_path_factory):
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         started = Runs(pool, ckpt, jpg, tmp_path_factory.mktemp("cli"))
         for key in wanted:
-            started.start(key)
+            if key[0] == SUBPROCESS_KIND:  # in the background; the in-process runs start when a test asks
+                started.start(key)
         yield started
 
 
