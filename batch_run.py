@@ -160,7 +160,6 @@ class Job:
         """This rank's share, batch_size images at a time: answer_lines(indices) gives their JSON lines, appended to
         the part file as INDEX<TAB>LINE and fsynced before the next batch, so a kill loses at most one batch."""
         share = self.share
-        self.started = time.perf_counter()  # the summary's rate: answering only, after the model load
         desc = f"rank {self.rank.rank}/{self.rank.world}" if self.rank.launched else "images"
         with open(self.part, "ab") as f, tqdm(total=len(share), desc=desc, unit="image", file=sys.stderr) as bar:
             for start in range(0, len(share), batch_size):
@@ -189,8 +188,8 @@ class Job:
         failed = int(found.error.sum())
         answered = sum(len(s) for s in self.shares)
         took = time.perf_counter() - self.started
-        print(f"{self.output}: {len(self.paths)} images, {answered} answered now in {took:.1f} s after the load "
-              f"({answered / took if took > 0 else 0:.2f} images/s, {self.rank.world} "
+        print(f"{self.output}: {len(self.paths)} images, {answered} answered now in {took:.1f} s "
+              f"({answered / took if took > 0 else 0:.2f} images/s with the model load, {self.rank.world} "
               f"process{'es' * (self.rank.world != 1)}), {len(self.paths) - answered} from before, {failed} unreadable",
               flush=True)
         if failed and self.rank.launched:
