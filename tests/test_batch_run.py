@@ -140,16 +140,24 @@ def test_interrupted_run_resumes_with_its_torn_line_redone(ckpt, image_list, exp
     assert "0 answered now" in stdout and "loaded" not in err and out.read_bytes() == expected.read_bytes()
 
 
-def test_output_and_list_mistakes_are_one_line_errors(ckpt, image_list, tmp_path, capsys):
+def test_output_and_list_mistakes_are_one_line_errors(ckpt, image_list, tmp_path, capsys, monkeypatch):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
     cases = [
         (("--image_list", tmp_path / "none.txt"), "--image_list"),
         (("--image_list", image_list, "--image_file_path", "x.png"), "not both"),
         (("--image_list", image_list, "--output", tmp_path), "is a directory"),
         (("--image_list", image_list, "--output", tmp_path / "no" / "o.jsonl"), "does not exist"),
+        (("--image_list", image_list, "--output", image_list.parent / "imgs" / "1.png"), "one of the input images"),
+        (("--image_list", blank), "names no images"),
     ]
     for extra, needle in cases:
         code, out, err = cli(capsys, "--model_path", ckpt, *map(str, extra))
         assert code == 2 and out == "" and err.startswith("error: ") and needle in err, err
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)  # as torchrun sets them
+    code, out, err = cli(capsys, "--model_path", ckpt, "--image_list", image_list)
+    assert code == 2 and err == "error: under torchrun give --output FILE.jsonl: each rank answers its share into it\n"
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     assert batch_run.Rank.from_env(env) == batch_run.Rank(launched=True) and not batch_run.Rank.from_env({}).launched
     with pytest.raises(ValueError, match="--device cuda"):
