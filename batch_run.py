@@ -72,11 +72,17 @@ class Rank:
                              "give --device cuda (each rank takes cuda:LOCAL_RANK)")
         return requested
 
-    def share_threads(self, device: torch.device) -> None:
-        """On the CPU, each of this host's ranks gets its part of the cores (torchrun sets OMP_NUM_THREADS=1)."""
-        if self.launched and device.type == "cpu":
+    def bind(self, device: torch.device) -> None:
+        """Under torchrun: on the CPU, each of this host's ranks gets its part of the cores (torchrun itself sets
+        OMP_NUM_THREADS=1); on CUDA, the rank's GPU becomes the current device, so anything that allocates on
+        "the" GPU (CUDA graphs, caching allocator, kernels launched without a device) uses it, not cuda:0."""
+        if not self.launched:
+            return
+        if device.type == "cpu":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // self.local_world))
+        elif device.type == "cuda":
+            torch.cuda.set_device(device)
 
 
 def read_image_list(list_file: str, image_file_path) -> list[str]:
@@ -241,7 +247,8 @@ class Job:
     def _wait_for_ranks(self) -> None:
         """Until each rank's part file holds its share: counts the new complete lines, reading only what was added
         since the last look. Raises when nothing grew for STALL_S (a rank died unseen)."""
-        seen = {k: (self.part_sizes.get(self.parts / f"rank-{k:05d}.jsonl", 0), 0) for k in range(self.rank.world)}
+        seen = {k: (self.part_sizes.get(self.parts / f"rank-{k:05d}.jsonl", 0), 0)
+                for k in range(self.rank.world) if k != self.rank.rank}  # its own lines are on disk already
         last_growth = time.monotonic()
         while True:
             waiting = 0

@@ -168,7 +168,7 @@ def main(*args: Any, **flags: Any) -> None:
         drawings = output_image_paths(options.output_image, paths, many)
         rank = Rank.from_env()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK...; rank 0 of 1 without it
         device, dtype = resolve_device_dtype(rank.device("cpu" if options.only_cpu else options.device), options.dtype)
-        rank.share_threads(device)
+        rank.bind(device)  # under torchrun: its share of the CPU cores, or its GPU as the current device
         if rank.launched and options.output is None:
             raise UsageError("under torchrun give --output FILE.jsonl: each rank answers its share into it")
         compile = options.compile
@@ -183,10 +183,11 @@ def main(*args: Any, **flags: Any) -> None:
         job = None
         if options.output is not None:
             stage = "reading what is answered already"
-            settings = {f: getattr(options, f) for f in ("model_path", "prompt", "max_tokens_to_generate",
-                                                         "do_sample", "temperature", "top_p", "top_k", "seed")}
-            job = Job(options.output, paths, {**settings, "model_path": str(options.model_path),
-                                              "dtype": str(dtype)}, rank)
+            # What decides the answers: a resumed run refuses to mix in answers made with other values.
+            settings = {f: getattr(options, f) for f in ("prompt", "max_tokens_to_generate", "do_sample",
+                                                         "temperature", "top_p", "top_k", "seed")}
+            settings.update(model_path=str(options.model_path), dtype=str(dtype))
+            job = Job(options.output, paths, settings, rank)
             if not job.plan():  # nothing left for this rank: no model to load
                 return _exit_if_failed(job.finish(), len(paths), options.output)
         stage = "loading the model"
@@ -255,7 +256,8 @@ def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> in
     failed = 0
     with tqdm(total=len(paths), desc="images", unit="image", file=sys.stderr) as bar:
         for start in range(0, len(paths), batch_size):
-            for record in _answer_batch(model, processor, run, paths, range(start, start + batch_size), drawings):
+            indices = range(start, min(start + batch_size, len(paths)))
+            for record in _answer_batch(model, processor, run, paths, indices, drawings):
                 print(_json_line(record), flush=True)
                 failed += "error" in record
                 bar.update(1)
@@ -265,7 +267,7 @@ def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> in
 def _answer_batch(model, processor, run: _Run, paths, indices, drawings) -> list[dict]:
     """The records of paths[i] for i in indices (one forward pass), in that order; also --output_image's drawings.
     An image that cannot be read or converted gets its error record; the others go on."""
-    chunk = [(i, paths[i]) for i in indices if i < len(paths)]
+    chunk = [(i, paths[i]) for i in indices]
     images: dict[int, Image.Image] = {}
     records: dict[int, dict] = {}
     for i, path in chunk:
