@@ -6,13 +6,14 @@
 A record's identity is its index in the input list (with its path, so a list that names a file twice gets two
 records). Each rank appends `INDEX<TAB>JSON-LINE` lines for its share to its own part file,
 `out.jsonl.parts/rank-00003.jsonl`, flushed and fsynced per batch; when all are in, rank 0 writes the JSON lines
-in input order to a temporary name, renames it to `out.jsonl` and deletes the parts. The only collective is one
-broadcast at the start (rank 0 repairs and reads the files, then sends the list of images still to answer); the
-end needs none: rank 0 waits for the other ranks' lines to reach the disk, so a rank that finishes early just
-exits. A rerun (or torchrun's restart) reads the part files and the output, skips every image answered there,
-and drops a torn last line (killed mid-write), whose image is then answered again.
+in input order to a temporary name, renames it to `out.jsonl` and deletes the parts. The ranks exchange one
+message, at the start, through torchrun's key-value store (rank 0 repairs and reads the files, then sends the list
+of images still to answer; no process group, no collective); the end needs none: rank 0 waits for the other
+ranks' lines to reach the disk, so a rank that finishes early just exits. A rerun (or torchrun's restart) reads
+the part files and the output, skips every image answered there, and drops a torn last line (killed mid-write),
+whose image is then answered again.
 
-Checked by tests/test_batch_run.py: torchrun with 2 gloo ranks gives the single process's file byte for byte, a
+Checked by tests/test_batch_run.py: torchrun with 2 CPU ranks gives the single process's file byte for byte, a
 rank SIGKILLed mid-write is recovered by torchrun's restart, an interrupted run resumes with its torn line redone.
 """
 
@@ -144,8 +145,9 @@ class Job:
 
     def plan(self) -> list[int]:
         """Rank 0 checks the settings against the parts' run.json, repairs torn lines, finds what is answered and
-        splits the rest into contiguous shares, one per rank; under torchrun it broadcasts that (the one
-        collective, while no rank writes). Returns this rank's share: the input indices it must answer."""
+        splits the rest into contiguous shares, one per rank; under torchrun it sends that to the other ranks,
+        which wait for it (so no rank writes while rank 0 reads). Returns this rank's share: the input indices it
+        must answer."""
         plan: object = None
         if self.rank.rank == 0:
             try:
@@ -155,7 +157,7 @@ class Job:
             except ValueError as e:  # every rank exits with the same one-line error
                 plan = e
         if self.rank.world > 1:
-            plan = _broadcast(plan)
+            plan = _share_plan(plan, self.rank)
         if isinstance(plan, BaseException):
             raise plan
         self.shares, self.part_sizes = plan
@@ -354,16 +356,39 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _broadcast(obj: object) -> object:
-    """Rank 0's obj on every rank, over gloo (host memory only: the plan is a list of indices, nothing on a GPU),
-    then the process group is closed again: nothing later needs it."""
-    import torch.distributed as dist
+def _share_plan(plan: object, rank: Rank) -> object:
+    """Rank 0's plan on every rank, through torchrun's key-value store (MASTER_ADDR:MASTER_PORT), no process group.
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=STALL_S))
-    try:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        dist.barrier()  # every rank has it before any closes its connections
-        return box[0]
-    finally:
-        dist.destroy_process_group()
+    torchrun keeps one store for all restarts of a job, so a key read by name may be a dead attempt's. Every key
+    here is named by a nonce made fresh in this process: rank r posts its nonce under hello/r; rank 0 answers
+    every nonce it sees there (stale ones too, harmlessly) with the nonce of its plan, until each rank has
+    acknowledged that plan."""
+    import pickle
+    import uuid
+
+    from torch.distributed import TCPStore
+
+    host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank.rank == 0  # else torchrun's agent does
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=host,
+                     timeout=timedelta(seconds=STALL_S), wait_for_workers=False, multi_tenant=True)
+    mine = uuid.uuid4().hex
+    if rank.rank != 0:
+        store.set(f"batch_run/hello/{rank.rank}", mine)
+        theirs = store.get(f"batch_run/reply/{mine}").decode()  # waits for rank 0
+        plan = pickle.loads(store.get(f"batch_run/plan/{theirs}"))
+        store.add(f"batch_run/acks/{theirs}", 1)
+        return plan
+    store.set(f"batch_run/plan/{mine}", pickle.dumps(plan))
+    answered: set[bytes] = set()
+    deadline = time.monotonic() + STALL_S
+    while store.add(f"batch_run/acks/{mine}", 0) < rank.world - 1:
+        for r in range(1, rank.world):
+            if store.check([f"batch_run/hello/{r}"]):
+                nonce = store.get(f"batch_run/hello/{r}")
+                if nonce not in answered:
+                    store.set(f"batch_run/reply/{nonce.decode()}", mine)
+                    answered.add(nonce)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every rank asked for the plan within {STALL_S} s; rerun the command")
+        time.sleep(0.05)
+    return plan
