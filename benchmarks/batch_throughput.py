@@ -85,7 +85,7 @@ def main() -> None:
         rows = [(f"1 process x {args.threads} threads",
                  run([sys.executable, "inference.py", *common, "--output", str(d / "one.jsonl")],
                      {**env, "OMP_NUM_THREADS": str(args.threads)})),
-                (f"{args.procs} processes x {per_rank} thread{'s' * (per_rank != 1)} (torchrun, gloo)",
+                (f"{args.procs} processes x {per_rank} thread{'s' * (per_rank != 1)} (torchrun)",
                  run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                       str(args.procs), "inference.py", *common, "--output", str(d / "many.jsonl")], env))]
         load_after = os.getloadavg()

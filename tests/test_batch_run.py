@@ -1,4 +1,4 @@
-"""--output and --image_list (batch_run.py): torchrun with 2 CPU ranks (gloo) writes the single process's file byte
+"""--output and --image_list (batch_run.py): torchrun with 2 CPU ranks writes the single process's file byte
 for byte; a rank SIGKILLed mid-write is recovered by torchrun's restart; an interrupted run, rerun, redoes its
 torn line and nothing else. Every file is compared with the single process's whole file, so a duplicate, a gap
 or a line out of order fails.
