@@ -29,6 +29,7 @@ if __name__ == "__main__":
         if hasattr(signal, _name):
             signal.signal(getattr(signal, _name), _stopped_while_starting)
 
+import dataclasses
 import json as _json  # FLAGS has a --json flag
 import time
 import warnings
@@ -40,6 +41,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from batch_run import Job, Rank, read_image_list
 from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -127,6 +129,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("compile", bool, False, "CUDA only: compile the decode step into one CUDA graph per token "
          "(torch.compile); the first call compiles for a while, so it pays for long answers and many images. "
          "Ignored elsewhere.", short="c"),
+    Flag("output", str, None, "write the JSON lines to this file instead of stdout (stdout gets a summary); "
+         "resumable: a rerun skips the images already answered. Needed under torchrun, where each rank answers "
+         "its share and rank 0 merges them (docs/distributed.md).", metavar="FILE.jsonl", shown_default="stdout"),
+    Flag("image_list", str, None, "a text file with one image path per line (relative to the file's directory), "
+         "instead of --image_file_path; the output keeps its order.", metavar="FILE", shown_default="none"),
 )
 
 # The parsed command line: one frozen dataclass, a field per flag (model_path, prompt, ..., compile).
@@ -172,13 +179,24 @@ def main(*args: Any, **flags: Any) -> None:
     stage = "checking the flags"
     failed = 0
     try:
+        if options.image_list is not None:  # the list stands in for --image_file_path, required otherwise
+            options = dataclasses.replace(options, image_file_path=read_image_list(options.image_list,
+                                                                                   options.image_file_path))
         check_options(options, FLAGS)
         if options.only_cpu and options.device is not None and str(options.device) != "cpu":
             raise UsageError(f"--only_cpu True contradicts --device {options.device}; give one of them")
         check_prompt(options.prompt, "--prompt")
-        paths, many = expand_image_paths(options.image_file_path)
+        if options.image_list is None:
+            paths, many = expand_image_paths(options.image_file_path)
+        else:  # as listed: no stat of each of a million files here
+            paths, many = list(options.image_file_path), True
+        many = many or options.output is not None  # --output is JSON Lines, whatever the count
         drawings = output_image_paths(options.output_image, paths, many)
-        device, dtype = resolve_device_dtype("cpu" if options.only_cpu else options.device, options.dtype)
+        rank = Rank.from_env()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK...; rank 0 of 1 without it
+        device, dtype = resolve_device_dtype(rank.device("cpu" if options.only_cpu else options.device), options.dtype)
+        rank.bind(device)  # under torchrun: its share of the CPU cores, or its GPU as the current device
+        if rank.launched and options.output is None:
+            raise UsageError("under torchrun give --output FILE.jsonl: each rank answers its share into it")
         compile = options.compile
         if compile and device.type != "cuda":
             log(f"note: --compile pays only on CUDA (CUDA graphs); running eager on {device.type}")
@@ -191,6 +209,16 @@ def main(*args: Any, **flags: Any) -> None:
         stage = "loading the mask VAE"
         vae_path = resolve_vae_path(options.vae_path, options.model_path)
         vae = load_vae(vae_path) if vae_path else None
+        job = None
+        if options.output is not None:
+            stage = "reading what is answered already"
+            # What decides the answers: a resumed run refuses to mix in answers made with other values.
+            settings = {f: getattr(options, f) for f in ("prompt", "max_tokens_to_generate", "do_sample",
+                                                         "temperature", "top_p", "top_k", "seed")}
+            settings.update(model_path=str(options.model_path), dtype=str(dtype))
+            job = Job(options.output, paths, settings, rank)
+            if not job.plan():  # nothing left for this rank: no model to load
+                return _exit_if_failed(job.finish(), len(paths), options.output)
         stage = "loading the model"
         started = time.perf_counter()
         model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None)  # packs where it pays
@@ -203,7 +231,11 @@ def main(*args: Any, **flags: Any) -> None:
                                   seed=options.seed)
         run = _Run(prompt=str(options.prompt), sampling=sampling, compile=compile, stats=stats,
                    vae=vae and vae.to(model.device))
-        if many:
+        if job is not None:
+            job.answer(lambda indices: [_json_line(r) for r in _answer_batch(model, processor, run, paths, indices,
+                                                                               drawings)], options.batch_size)
+            failed = job.finish()
+        elif many:
             failed = _answer_many(model, processor, run, paths, options.batch_size, drawings)
         else:
             _answer_one(model, processor, run, paths[0], image, options.stream and not options.json, options.json,
@@ -217,8 +249,13 @@ def main(*args: Any, **flags: Any) -> None:
         code, message = describe(e, stage)
         log(f"error: {message}")
         sys.exit(code)
+    _exit_if_failed(failed, len(paths), options.output)
+
+
+def _exit_if_failed(failed: int, total: int, output: str | None) -> None:
     if failed:
-        log(f"error: {failed} of {len(paths)} images could not be read; their JSON lines on stdout say why")
+        log(f"error: {failed} of {total} images could not be read; their JSON lines "
+            f"{'on stdout' if output is None else 'in ' + str(output)} say why")
         sys.exit(EXIT_BAD_INPUT)
 
 
@@ -251,31 +288,41 @@ def _answer_many(model, processor, run: _Run, paths, batch_size, drawings) -> in
     failed = 0
     with tqdm(total=len(paths), desc="images", unit="image", file=sys.stderr) as bar:
         for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images: dict[int, Image.Image] = {}
-            records: dict[int, dict] = {}
-            for i, path in enumerate(chunk):
-                try:  # an image that cannot be read or converted gets its error line; the others go on
-                    images[i] = to_rgb(load_image(path))
-                except (ValueError, OSError) as e:
-                    records[i] = {"path": path, "error": one_line(e)}
-            if images:
-                rows = list(images)
-                texts = _generate(model, processor, run, [images[i] for i in rows])
-                for i, text in zip(rows, texts, strict=True):
-                    boxes, problems = parse_detections(text, *images[i].size)
-                    segments, seg_problems = read_segments(text, images[i], run.vae, log)
-                    records[i] = _record(chunk[i], text, boxes, problems if segments is None else seg_problems,
-                                         segments)
-                    if drawings:
-                        drawn = draw_detections(images[i], boxes) if segments is None else \
-                            draw_segments(images[i], segments)
-                        save_image(drawn, drawings[start + i])
-            for i in range(len(chunk)):
-                _emit(_json.dumps(records[i], ensure_ascii=False) + "\n")
-                failed += "error" in records[i]
-            bar.update(len(chunk))
+            indices = range(start, min(start + batch_size, len(paths)))
+            for record in _answer_batch(model, processor, run, paths, indices, drawings):
+                _emit(_json_line(record) + "\n")
+                failed += "error" in record
+                bar.update(1)
     return failed
+
+
+def _answer_batch(model, processor, run: _Run, paths, indices, drawings) -> list[dict]:
+    """The records of paths[i] for i in indices (one forward pass), in that order; also --output_image's drawings.
+    An image that cannot be read or converted gets its error record; the others go on."""
+    chunk = [(i, paths[i]) for i in indices]
+    images: dict[int, Image.Image] = {}
+    records: dict[int, dict] = {}
+    for i, path in chunk:
+        try:
+            images[i] = to_rgb(load_image(path))
+        except (ValueError, OSError) as e:
+            records[i] = {"path": path, "error": one_line(e)}
+    if images:
+        rows = list(images)
+        texts = _generate(model, processor, run, [images[i] for i in rows])
+        for i, text in zip(rows, texts, strict=True):
+            boxes, problems = parse_detections(text, *images[i].size)
+            segments, seg_problems = read_segments(text, images[i], run.vae, log)
+            records[i] = _record(paths[i], text, boxes, problems if segments is None else seg_problems, segments)
+            if drawings:
+                drawn = draw_detections(images[i], boxes) if segments is None else draw_segments(images[i], segments)
+                save_image(drawn, drawings[i])
+    return [records[i] for i, _ in chunk]
+
+
+def _json_line(record: dict) -> str:
+    """A record as its line of JSON Lines (stdout and --output alike), without the newline."""
+    return _json.dumps(record, ensure_ascii=False)
 
 
 def _generate(model, processor, run: _Run, images, on_text=None) -> list[str]:

@@ -1,0 +1,394 @@
+"""Many images into one JSON Lines file (`--output`), resumable, on one process or many launched by torchrun.
+
+    python inference.py ... --image_list list.txt --output out.jsonl                    # one process
+    torchrun --nproc_per_node 2 inference.py ... --image_list list.txt --output out.jsonl  # one rank per process
+
+A record's identity is its index in the input list (with its path, so a list that names a file twice gets two
+records). Each rank appends `INDEX<TAB>JSON-LINE` lines for its share to its own part file,
+`out.jsonl.parts/rank-00003.jsonl`, flushed and fsynced per batch; when all are in, rank 0 writes the JSON lines
+in input order to a temporary name, renames it to `out.jsonl` and deletes the parts. The ranks exchange one
+message, at the start, through torchrun's key-value store (rank 0 repairs and reads the files, then sends the list
+of images still to answer; no process group, no collective); the end needs none: rank 0 waits for the other
+ranks' lines to reach the disk, so a rank that finishes early just exits. A rerun (or torchrun's restart) reads
+the part files and the output, skips every image answered there, and drops a torn last line (killed mid-write),
+whose image is then answered again.
+
+Checked by tests/test_batch_run.py: torchrun with 2 CPU ranks gives the single process's file byte for byte, a
+rank SIGKILLed mid-write is recovered by torchrun's restart, an interrupted run resumes with its torn line redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cli_checks import UsageError, log
+
+# Rank 0 gives up waiting when no part file has grown for this long (a rank or host was lost without torchrun
+# noticing); the error exit makes torchrun restart the group, or the user reruns, and the work resumes.
+STALL_S = 30 * 60
+POLL_S = 0.2  # how often rank 0 looks at the other ranks' part files while it waits
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Who this process is in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); one process
+    started without torchrun is rank 0 of 1, not launched."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    launched: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Rank:
+        env = os.environ if environ is None else environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        world = int(env["WORLD_SIZE"])
+        return cls(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world)),
+                   launched=True)
+
+    def device(self, requested: str | None) -> str | None:
+        """The device this rank runs on: under torchrun with CUDA, cuda:LOCAL_RANK (for no --device, `auto` or
+        `cuda`); otherwise what was asked for. A fixed cuda:N would put every local rank on one GPU: refused."""
+        if not self.launched:
+            return requested
+        if requested in (None, "auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        if requested is not None and str(requested).startswith("cuda:") and self.local_world > 1:
+            raise UsageError(f"--device {requested} would put all {self.local_world} ranks of this host on one GPU; "
+                             "give --device cuda (each rank takes cuda:LOCAL_RANK)")
+        return requested
+
+    def bind(self, device: torch.device) -> None:
+        """Under torchrun: on the CPU, each of this host's ranks gets its part of the cores (torchrun itself sets
+        OMP_NUM_THREADS=1); on CUDA, the rank's GPU becomes the current device, so anything that allocates on
+        "the" GPU (CUDA graphs, caching allocator, kernels launched without a device) uses it, not cuda:0."""
+        if not self.launched:
+            return
+        if device.type == "cpu":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // self.local_world))
+        elif device.type == "cuda":
+            torch.cuda.set_device(device)
+
+
+def read_image_list(list_file: str, image_file_path) -> list[str]:
+    """--image_list FILE -> its image paths in order: one per line, relative to the list's directory (absolute
+    ones kept), blank lines skipped. No file is opened here: an unreadable image gets its error line later."""
+    if image_file_path not in (None, ""):
+        raise UsageError("give --image_file_path or --image_list, not both")
+    p = Path(str(list_file))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--image_list {p} cannot be read ({type(e).__name__}); give a UTF-8 text file with one "
+                         "image path per line") from None
+    paths = [os.path.join(p.parent, line) for line in text.splitlines() if line.strip()]
+    if not paths:
+        raise UsageError(f"--image_list {p} names no images; give one image path per line")
+    return paths
+
+
+@dataclass
+class _Found:
+    """Where each input index is already answered: source file (-1 none), byte offset and length of its JSON line,
+    and whether it is an error record. files[0] is the output, files[1:] the part files."""
+
+    files: list[Path]
+    src: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    error: np.ndarray
+    part_sizes: dict[Path, int]  # each part file's size after repair: where this run's lines start
+    output_lines: int = 0
+
+    @classmethod
+    def empty(cls, n: int, output: Path) -> _Found:
+        return cls([output], np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64),
+                   np.zeros(n, bool), {})
+
+    def add(self, index: int, file_id: int, offset: int, json_line: bytes, record: dict) -> None:
+        if self.src[index] < 0:  # the first answer found wins (the output is read first)
+            self.src[index], self.offset[index], self.length[index] = file_id, offset, len(json_line)
+            self.error[index] = "error" in record
+
+
+class Job:
+    """One `--output` run of one rank: plan() (rank 0 decides who answers what), answer() (this rank's share into
+    its part file), finish() (rank 0: wait for all, merge, summarise)."""
+
+    def __init__(self, output: str, paths: Sequence[str], settings: dict, rank: Rank):
+        self.output, self.paths, self.settings, self.rank = check_output(output, paths), list(paths), settings, rank
+        self.parts = self.output.with_name(self.output.name + ".parts")
+        self.part = self.parts / f"rank-{rank.rank:05d}.jsonl"
+        self.shares: list[np.ndarray] = []
+        self.part_sizes: dict[Path, int] = {}
+        self.started = 0.0
+
+    @property
+    def share(self) -> list[int]:
+        return self.shares[self.rank.rank].tolist() if self.shares else []
+
+    def plan(self) -> list[int]:
+        """Rank 0 checks the settings against the parts' run.json, repairs torn lines, finds what is answered and
+        splits the rest into contiguous shares, one per rank; under torchrun it sends that to the other ranks,
+        which wait for it (so no rank writes while rank 0 reads). Returns this rank's share: the input indices it
+        must answer."""
+        plan: object = None
+        if self.rank.rank == 0:
+            try:
+                found = self._scan(repair=True)
+                pending = np.flatnonzero(found.src < 0).astype(np.int64)
+                plan = (np.array_split(pending, self.rank.world), found.part_sizes)
+            except ValueError as e:  # every rank exits with the same one-line error
+                plan = e
+        if self.rank.world > 1:
+            plan = _share_plan(plan, self.rank)
+        if isinstance(plan, BaseException):
+            raise plan
+        self.shares, self.part_sizes = plan
+        self.started = time.perf_counter()
+        return self.share
+
+    def answer(self, answer_lines: Callable[[list[int]], list[str]], batch_size: int) -> None:
+        """This rank's share, batch_size images at a time: answer_lines(indices) gives their JSON lines, appended to
+        the part file as INDEX<TAB>LINE and fsynced before the next batch, so a kill loses at most one batch."""
+        share = self.share
+        desc = f"rank {self.rank.rank}/{self.rank.world}" if self.rank.launched else "images"
+        with open(self.part, "ab") as f, tqdm(total=len(share), desc=desc, unit="image", file=sys.stderr) as bar:
+            for start in range(0, len(share), batch_size):
+                indices = share[start:start + batch_size]
+                lines = answer_lines(indices)
+                _append(f, "".join(f"{i}\t{line}\n" for i, line in zip(indices, lines, strict=True)).encode())
+                bar.update(len(indices))
+
+    def finish(self) -> int:
+        """Rank 0: wait until every rank's share is on disk, write the output in input order, delete the parts,
+        print the summary on stdout. Returns how many records are errors (unreadable images), for the exit code;
+        0 under torchrun, where a failing exit would make torchrun restart the group (a note says it instead)."""
+        if self.rank.rank != 0:
+            return 0
+        self._wait_for_ranks()
+        found = self._scan(repair=False)
+        missing = np.flatnonzero(found.src < 0)
+        if len(missing):
+            raise RuntimeError(f"{len(missing)} images (first: index {missing[0]}, {self.paths[missing[0]]}) have no "
+                               f"line in {self.parts}; rerun the command to answer them")
+        if len(self.paths) != found.output_lines or (found.src > 0).any():
+            _merge(found, self.output)
+        for part in self.parts.glob("*"):
+            part.unlink()
+        self.parts.rmdir()
+        failed = int(found.error.sum())
+        answered = sum(len(s) for s in self.shares)
+        took = time.perf_counter() - self.started
+        print(f"{self.output}: {len(self.paths)} images, {answered} answered now in {took:.1f} s "
+              f"({answered / took if took > 0 else 0:.2f} images/s with the model load, {self.rank.world} "
+              f"process{'es' * (self.rank.world != 1)}), {len(self.paths) - answered} from before, {failed} unreadable",
+              flush=True)
+        if failed and self.rank.launched:
+            log(f"note: {failed} images could not be read; their JSON lines in {self.output} say why")
+            return 0
+        return failed
+
+    def _scan(self, repair: bool) -> _Found:
+        """What is answered already: the output's line k counts for index k if it names paths[k]; a part file's
+        line counts if complete. repair (rank 0, before anyone writes): the run.json check, and each part file cut
+        back to its last complete line."""
+        found = _Found.empty(len(self.paths), self.output)
+        if self.output.is_file():
+            with open(self.output, "rb") as f:
+                offset = 0
+                for k, line in enumerate(f):
+                    record = _record(line[:-1], self.paths, k) if line.endswith(b"\n") else None
+                    if record is not None:
+                        found.add(k, 0, offset, line[:-1], record)
+                    offset += len(line)
+                    found.output_lines = k + 1
+        if repair:
+            self.parts.mkdir(exist_ok=True)
+            self._check_settings()
+        for part in sorted(self.parts.glob("rank-*.jsonl")) if self.parts.is_dir() else []:
+            found.files.append(part)
+            good = _read_part(part, self.paths, found, len(found.files) - 1)
+            if repair and good < part.stat().st_size:
+                with open(part, "r+b") as f:  # a torn last line: cut it off, so the rank appends after whole lines
+                    f.truncate(good)
+                    os.fsync(f.fileno())
+                log(f"note: {part} ended in a torn line (killed mid-write); its image will be answered again")
+            found.part_sizes[part] = good
+        return found
+
+    def _check_settings(self) -> None:
+        """run.json in the parts directory holds the settings that decide the answers; a rerun must match them."""
+        manifest = self.parts / "run.json"
+        if manifest.exists():
+            before = json.loads(manifest.read_text())
+            changed = sorted(k for k in before.keys() | self.settings.keys() if before.get(k) != self.settings.get(k))
+            if changed:
+                raise UsageError(f"{self.parts} holds part of a run with other settings ({', '.join(changed)}: "
+                                 f"{', '.join(repr(before.get(k)) for k in changed)}); rerun that command to finish "
+                                 f"it, or delete {self.parts} to start over")
+        else:
+            _write_atomic(manifest, json.dumps(self.settings, sort_keys=True).encode())
+
+    def _wait_for_ranks(self) -> None:
+        """Until each rank's part file holds its share: counts the new complete lines, reading only what was added
+        since the last look. Raises when nothing grew for STALL_S (a rank died unseen)."""
+        seen = {k: (self.part_sizes.get(self.parts / f"rank-{k:05d}.jsonl", 0), 0)
+                for k in range(self.rank.world) if k != self.rank.rank}  # its own lines are on disk already
+        last_growth = time.monotonic()
+        while True:
+            waiting = 0
+            for k, (pos, lines) in seen.items():
+                path = self.parts / f"rank-{k:05d}.jsonl"
+                if lines < len(self.shares[k]) and path.exists():
+                    with open(path, "rb") as f:
+                        f.seek(pos)
+                        new = f.read()
+                    whole = new[:new.rfind(b"\n") + 1]
+                    if whole:
+                        seen[k], last_growth = (pos + len(whole), lines + whole.count(b"\n")), time.monotonic()
+                waiting += seen[k][1] < len(self.shares[k])
+            if not waiting:
+                return
+            if time.monotonic() - last_growth > STALL_S:
+                raise RuntimeError(f"{waiting} ranks wrote nothing to {self.parts} for {STALL_S} s; rerun the command "
+                                   "to resume (what is on disk is kept)")
+            time.sleep(POLL_S)
+
+
+def check_output(output: str, image_paths: Sequence[str]) -> Path:
+    """--output: a file name in an existing, writable directory, not an input image (checked before the model)."""
+    out = Path(str(output))
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a directory; give a file name such as {out / 'answers.jsonl'}")
+    if not out.parent.is_dir():
+        raise UsageError(f"--output {out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--output {out} is not writable; check the directory's permissions")
+    if os.path.abspath(out) in {os.path.abspath(p) for p in image_paths}:
+        raise UsageError(f"--output {out} is one of the input images; give another path")
+    return out
+
+
+def _record(json_line: bytes, paths: Sequence[str], index: int) -> dict | None:
+    """The record a JSON line holds if it is the answer for input `index` (a dict naming paths[index]), else None."""
+    try:
+        record = json.loads(json_line)
+    except ValueError:
+        return None
+    ok = index < len(paths) and isinstance(record, dict) and record.get("path") == paths[index]
+    return record if ok else None
+
+
+def _read_part(part: Path, paths: Sequence[str], found: _Found, file_id: int) -> int:
+    """Adds a part file's complete lines to `found`; returns the byte length of its leading run of whole lines
+    (what follows is torn). A whole line whose index or path is not this list's is kept but not counted."""
+    offset = 0
+    with open(part, "rb") as f:
+        for line in f:
+            index, tab, json_line = line.partition(b"\t")
+            if not (line.endswith(b"\n") and tab and index.isdigit() and json_line.endswith(b"}\n")):
+                break  # torn: cut off mid-line (a JSON object that ends before its closing brace)
+            record = _record(json_line[:-1], paths, int(index))
+            if record is not None:
+                found.add(int(index), file_id, offset + len(index) + 1, json_line[:-1], record)
+            offset += len(line)
+    return offset
+
+
+def _append(f, data: bytes) -> None:
+    """One batch's lines to a part file, on disk before the next batch starts."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _merge(found: _Found, output: Path) -> None:
+    """The output in input order, each record's bytes copied from where it was found: written under a temporary
+    name in the same directory, fsynced, renamed into place (a reader never sees half a file)."""
+    tmp = output.with_name(f".{output.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    fds = [os.open(p, os.O_RDONLY) for p in found.files[:1] if p.is_file()] or [-1]
+    fds += [os.open(p, os.O_RDONLY) for p in found.files[1:]]
+    try:
+        with open(tmp, "wb") as out:
+            for src, offset, length in zip(found.src.tolist(), found.offset.tolist(), found.length.tolist(),
+                                           strict=True):
+                out.write(os.pread(fds[src], length, offset) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, output)
+    finally:
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(output.parent)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """The rename itself on disk (POSIX: a directory entry is durable once its directory is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _share_plan(plan: object, rank: Rank) -> object:
+    """Rank 0's plan on every rank, through torchrun's key-value store (MASTER_ADDR:MASTER_PORT), no process group.
+
+    torchrun keeps one store for all restarts of a job, so a key read by name may be a dead attempt's. Every key
+    here is named by a nonce made fresh in this process: rank r posts its nonce under hello/r; rank 0 answers
+    every nonce it sees there (stale ones too, harmlessly) with the nonce of its plan, until each rank has
+    acknowledged that plan."""
+    import pickle
+    import uuid
+
+    from torch.distributed import TCPStore
+
+    host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank.rank == 0  # else torchrun's agent does
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=host,
+                     timeout=timedelta(seconds=STALL_S), wait_for_workers=False, multi_tenant=True)
+    mine = uuid.uuid4().hex
+    if rank.rank != 0:
+        store.set(f"batch_run/hello/{rank.rank}", mine)
+        theirs = store.get(f"batch_run/reply/{mine}").decode()  # waits for rank 0
+        plan = pickle.loads(store.get(f"batch_run/plan/{theirs}"))
+        store.add(f"batch_run/acks/{theirs}", 1)
+        return plan
+    store.set(f"batch_run/plan/{mine}", pickle.dumps(plan))
+    answered: set[bytes] = set()
+    deadline = time.monotonic() + STALL_S
+    while store.add(f"batch_run/acks/{mine}", 0) < rank.world - 1:
+        for r in range(1, rank.world):
+            if store.check([f"batch_run/hello/{r}"]):
+                nonce = store.get(f"batch_run/hello/{r}")
+                if nonce not in answered:
+                    store.set(f"batch_run/reply/{nonce.decode()}", mine)
+                    answered.add(nonce)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every rank asked for the plan within {STALL_S} s; rerun the command")
+        time.sleep(0.05)
+    return plan
