@@ -19,11 +19,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from configuration_paligemma import NAMED_CONFIGS, GemmaConfig, PaliGemmaConfig  # noqa: F401 — re-exported
 from modeling_siglip import SiglipVisionModel
 from ops import Linear, gelu_tanh, linear
+from training import causal_lm_loss
 
 
 class GemmaRMSNorm(nn.Module):
@@ -210,11 +212,14 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Training: recompute each layer's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings x (B, T, D) -> final-normed hidden states (B, T, D); arguments as in PaliGemma's forward."""
+                prefix_len: int | torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings x (B, T, D) -> final-normed hidden states (B, T, D); arguments as in PaliGemma's forward
+        (prefix_mask: its token_type_ids == 0)."""
         B, T, _ = x.shape
         device = x.device
         if input_pos is None:
@@ -230,10 +235,15 @@ class GemmaModel(nn.Module):
             key_pos = torch.arange(kv_cache.max_seq_len, device=device)
         else:
             key_valid, key_pos = attention_mask.to(torch.bool), input_pos
-        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, self.config.sliding_window)
+        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, self.config.sliding_window,
+                                      prefix_mask)
         cos_sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos_sin, masks, input_pos, kv_cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos_sin, masks, input_pos, kv_cache,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos_sin, masks, input_pos, kv_cache)
         return self.norm(x)
 
 
@@ -247,9 +257,10 @@ class GemmaForCausalLM(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0) -> torch.Tensor:
+                prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0,
+                prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (B, T, D) -> logits (B, T or num_logits_to_keep, V); arguments as in PaliGemma's forward."""
-        x = self.model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len)
+        x = self.model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len, prefix_mask)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
         # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
@@ -275,8 +286,8 @@ class PaliGemmaMultiModalProjector(nn.Module):
 
 
 def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_pos: torch.Tensor,
-                          prefix_len: int | torch.Tensor | None,
-                          sliding_window: int | None) -> dict[str, torch.Tensor | None]:
+                          prefix_len: int | torch.Tensor | None, sliding_window: int | None,
+                          prefix_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Prefix-LM masks (B, 1, T, S), True = may attend.
 
     A query at position q sees key k when k holds a real token and either k <= q (causal) or both lie in the
@@ -284,6 +295,8 @@ def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_
     "this call is one block": its tokens see each other (and, causally, everything before them), which is the
     prefix during prefill and plain causal attention for a single decoded token. Sliding layers additionally require
     k > q - window for the causal part; prefix pairs stay visible, as in transformers' PaliGemma 2.
+    prefix_mask (B, T), training without a cache (T = S): per row, the tokens of the bidirectional block (image,
+    prompt and left padding, token_type_ids == 0); it replaces prefix_len, and the suffix after it is causal.
     """
     q = input_pos[:, None]  # (T, 1)
     k = key_pos[None, :]  # (1, S)
@@ -292,12 +305,15 @@ def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_
     else:
         start, end = 0, prefix_len
     causal = k <= q
-    prefix = (k >= start) & (k < end) & (q >= start) & (q < end)
+    if prefix_mask is None:
+        prefix = ((k >= start) & (k < end) & (q >= start) & (q < end))[None, None]  # (1, 1, T, S)
+    else:
+        prefix = prefix_mask[:, None, :, None] & prefix_mask[:, None, None, :]  # (B, 1, T, S)
     valid = key_valid[:, None, None, :]  # (B, 1, 1, S)
-    masks = {"full": valid & (causal | prefix)[None, None], "sliding": None}
+    masks = {"full": valid & (causal[None, None] | prefix), "sliding": None}
     if sliding_window is not None:
         local = causal & (k > q - sliding_window)
-        masks["sliding"] = valid & (local | prefix)[None, None]
+        masks["sliding"] = valid & (local[None, None] | prefix)
     return masks
 
 
@@ -371,7 +387,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0,
-                compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                compute_dtype: torch.dtype | None = None, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run the decoder over `input_ids` (B, T) and return {"logits": (B, T or num_logits_to_keep, V)}.
 
         input_ids: token ids with `<image>` × N where images go; pixel_values: (B, 3, S, S) or None once the
@@ -382,7 +399,18 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         num_logits_to_keep: 0 = all positions, n = the last n (generation needs 1). compute_dtype: the dtype the
         activations and arithmetic use (default: the weights'); weights of another dtype are cast per layer, the
         KV cache keeps its own dtype. generate_ids prefills bf16 weights in float32 on CPUs without bf16 arithmetic.
+        Fine-tuning (no kv_cache; see training.py): token_type_ids (B, T), 0 on image + prompt (+ padding), 1 on
+        the suffix: the former attend bidirectionally, the suffix causally. labels (B, T): target ids, -100 where
+        no loss; adds "loss", the mean cross-entropy over labelled tokens after the one-position shift.
         """
+        prefix_mask = None
+        if token_type_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("token_type_ids are for training without a kv_cache; generation uses prefix_len")
+            prefix_mask = token_type_ids == 0
         x = self.embed(input_ids, pixel_values, compute_dtype)
-        return {"logits": self.language_model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len,
-                                              num_logits_to_keep)}
+        out = {"logits": self.language_model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len,
+                                             num_logits_to_keep, prefix_mask)}
+        if labels is not None:
+            out["loss"] = causal_lm_loss(out["logits"], labels)
+        return out
