@@ -13,12 +13,13 @@ google/paligemma-3b-* repositories' file lists; tests/test_finetune.py loads wha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -88,31 +89,47 @@ def write_shards(out: Path, groups: list[list[str]], tensors_of: Callable[[list[
     return total
 
 
-def save_checkpoint(model: torch.nn.Module, source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Write `model`'s weights (in their dtype) and `source_dir`'s side files to `out_dir`, whole or not at all.
-
-    Everything goes to a temporary directory beside out_dir first, renamed into place at the end; an existing
-    out_dir is replaced only then. Returns out_dir."""
-    out, source = Path(out_dir), Path(source_dir)
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside out_dir; on success it becomes out_dir (an existing one is replaced only
+    then), on an exception it is removed. So a checkpoint directory is whole or absent, never half-written."""
+    out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
-    groups = plan_shards(sizes, max(1, math.ceil(sum(sizes.values()) / HUB_MAX_SHARD_BYTES)))
-    write_shards(tmp, groups, lambda keys: {k: state[k].cpu() for k in keys})
-    for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, tmp / name)
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-    for key in ("torch_dtype", "dtype"):  # the dtype the weights are saved in (transformers 4 / 5 spelling)
-        if key in config:
-            config[key] = dtype
-    write_json(tmp / "config.json", config)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
-    return out
+
+
+def write_model(model: torch.nn.Module, source_dir: str | os.PathLike, directory: Path) -> None:
+    """`model`'s weights (in their dtype) as hub shards + index in `directory`, and `source_dir`'s side files, with
+    config.json's dtype set to the weights'."""
+    source = Path(source_dir)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    groups = plan_shards(sizes, max(1, math.ceil(sum(sizes.values()) / HUB_MAX_SHARD_BYTES)))
+    write_shards(directory, groups, lambda keys: {k: state[k].cpu() for k in keys})
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    for key in ("torch_dtype", "dtype"):  # the dtype the weights are saved in (transformers 4 / 5 spelling)
+        if key in config:
+            config[key] = dtype
+    write_json(directory / "config.json", config)
+
+
+def save_checkpoint(model: torch.nn.Module, source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """write_model into out_dir, whole or not at all (atomic_directory). Returns out_dir."""
+    with atomic_directory(out_dir) as tmp:
+        write_model(model, source_dir, tmp)
+    return Path(out_dir)

@@ -100,3 +100,35 @@ def merge_lora(peft_model: nn.Module) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """name -> parameter, for those that train."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# Adapter files use transformers' module paths (model.language_model.layers.*), so transformers + peft load them
+# with PeftModel.from_pretrained; ours are language_model.model.layers.*.
+_OURS, _THEIRS = "base_model.model.language_model.model.", "base_model.model.model.language_model."
+
+
+def save_adapter(peft_model: nn.Module, directory, base_model_path: str) -> None:
+    """peft's adapter format in `directory`: adapter_model.safetensors + adapter_config.json."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(peft_model)
+    state = {_THEIRS + k.removeprefix(_OURS): v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = base_model_path
+    config.save_pretrained(str(directory))
+
+
+def load_adapter(peft_model: nn.Module, directory) -> None:
+    """The adapter weights of save_adapter's `directory` into a model made by add_lora with the same rank."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(directory / "adapter_model.safetensors"))
+    state = {_OURS + k.removeprefix(_THEIRS): v for k, v in saved.items()}
+    result = set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise TrainingError(f"{directory}: the adapter does not fit this model (missing {missing[:3]}, unexpected "
+                            f"{list(result.unexpected_keys)[:3]}); resume with the same --preset and --lora_rank")
