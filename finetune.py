@@ -42,7 +42,7 @@ from cli_checks import (
 from finetune_data import batches_per_epoch, collate, micro_batch, read_dataset, split
 from generation import make_processor
 from hub_writer import atomic_directory, write_model
-from training import PRESETS, apply_preset, causal_lm_loss, load_adapter, merge_lora, save_adapter
+from training import PRESETS, apply_preset, load_adapter, merge_lora, save_adapter, training_loss
 from utils import load_hf_model, resolve_device_dtype, resolve_model_path
 
 CHECKPOINT = re.compile(r"checkpoint-(\d{6})$")
@@ -188,10 +188,8 @@ class Trainer:
 
     def loss(self, examples) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in collate(examples, self.processor).items()}
-        labels = batch.pop("labels")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(**batch)["logits"]
-        return causal_lm_loss(logits, labels, self.o.loss_reduction)
+            return training_loss(self.model, batch, self.o.loss_reduction)
 
     def train_step(self) -> float:
         o = self.o

@@ -263,6 +263,10 @@ class GemmaForCausalLM(nn.Module):
         x = self.model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len, prefix_mask)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., D) -> logits (..., V)."""
         # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
         # 257k x hidden weight to x's (a float32 copy of it would be as large as all other weights together).
         weight = self.model.embed_tokens.weight

@@ -48,14 +48,35 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
         raise TrainingError(f"unknown loss reduction {reduction!r}; use 'token' or 'example'")
     target = labels[:, 1:].to(logits.device)
     picked = target != IGNORE_INDEX  # (B, T-1)
-    rows = logits[:, :-1][picked]  # only the labelled positions: the 257k-wide softmax over the rest is wasted
+    # Only the labelled positions: the 257k-wide softmax over the rest is wasted.
+    return _reduce(logits[:, :-1][picked], target[picked], picked, reduction)
+
+
+def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "token") -> torch.Tensor:
+    """model(**batch)["loss"] (with causal_lm_loss's reduction) computed leaner: the tied 257k-wide LM head runs
+    only on the labelled positions, not on every image and prompt position, which saves its matmul forward and
+    backward and the (B, T, V) logits' memory. batch: the processor's output with suffix= (labels, token_type_ids);
+    model: ours, or peft's wrapping of it."""
+    if reduction not in ("token", "example"):
+        raise TrainingError(f"unknown loss reduction {reduction!r}; use 'token' or 'example'")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's LoRA layers are inside
+    x = base.embed(batch["input_ids"], batch.get("pixel_values"))
+    hidden = base.language_model.model(x, batch.get("attention_mask"), prefix_mask=batch["token_type_ids"] == 0)
+    target = batch["labels"][:, 1:]
+    picked = target != IGNORE_INDEX
+    return _reduce(base.language_model.head(hidden[:, :-1][picked]), target[picked], picked, reduction)
+
+
+def _reduce(rows: torch.Tensor, targets: torch.Tensor, picked: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Cross-entropy of the labelled positions' logits rows (N, V) against targets (N,), reduced; picked (B, T-1)
+    says which positions the rows are (row-major), for the per-example mean."""
     if rows.dtype in (torch.bfloat16, torch.float16):
         rows = rows.float()  # transformers upcasts too; float32 and float64 stay as they are
-    per_token = F.cross_entropy(rows, target[picked], reduction="none")
+    per_token = F.cross_entropy(rows, targets, reduction="none")
     if reduction == "token":
         return per_token.mean()
     example = picked.nonzero()[:, 0]  # the row of each labelled token
-    sums = per_token.new_zeros(labels.shape[0]).index_add(0, example, per_token)
+    sums = per_token.new_zeros(picked.shape[0]).index_add(0, example, per_token)
     counts = picked.sum(1).clamp(min=1).to(per_token.dtype)
     return (sums / counts).mean()
 

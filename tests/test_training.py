@@ -19,7 +19,7 @@ from reference import hf_model
 from transformers.loss.loss_utils import fixed_cross_entropy
 
 from generation import make_processor
-from training import PRESETS, TrainingError, apply_preset, causal_lm_loss, lora_config, merge_lora
+from training import PRESETS, TrainingError, apply_preset, causal_lm_loss, lora_config, merge_lora, training_loss
 from utils import canonical_key, load_hf_model
 
 LOSS_TOL, GRAD_TOL, WEIGHT_TOL = 1e-9, 1e-7, 1e-7
@@ -72,9 +72,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_loss_gradients_and_adamw_step_match_transformers(pair):
     model, ref, batch = pair
     model, ref = copy.deepcopy(model).requires_grad_(True), copy.deepcopy(ref)
-    loss = model(**batch)["loss"]
+    with torch.no_grad():
+        forward_loss = model(**batch)["loss"]
+    loss = training_loss(model, batch)  # what finetune.py backpropagates: the LM head on labelled positions only
     ref_loss, hf_own_loss = reference_loss(ref, batch)
     assert loss.dtype == torch.float64
+    assert abs(forward_loss.item() / ref_loss.item() - 1) < LOSS_TOL
     print(f"loss {loss.item():.15f} vs {ref_loss.item():.15f}: rel {abs(loss.item() / ref_loss.item() - 1):.1e}")
     assert abs(loss.item() / ref_loss.item() - 1) < LOSS_TOL
     assert abs(loss.item() / hf_own_loss.item() - 1) < 1e-6  # transformers' loss is float32 (see the docstring)
@@ -145,8 +148,10 @@ def test_per_example_loss_is_big_vision_s(pg2_pair):
     model, _, batch = pg2_pair
     with torch.no_grad():
         logits = model(**batch)["logits"]
+        lean = training_loss(model, batch, reduction="example")
     per_row = [causal_lm_loss(logits[b:b + 1], batch["labels"][b:b + 1]) for b in range(2)]
     example = causal_lm_loss(logits, batch["labels"], reduction="example")
+    assert abs(lean.item() / example.item() - 1) < 1e-12
     assert abs(example.item() / ((per_row[0] + per_row[1]) / 2).item() - 1) < 1e-12
     token = causal_lm_loss(logits, batch["labels"])
     n = (batch["labels"][:, 1:] != -100).sum(1).tolist()
@@ -192,7 +197,7 @@ def test_lora_matches_transformers_with_peft(pg2_pair):
             if "lora_B" in n:
                 p.normal_(std=0.02)
             our_lora[n].copy_(p)
-    loss = ours(**batch)["loss"]
+    loss = training_loss(ours, batch)
     ref_loss = reference_loss(theirs, batch)[0]
     assert abs(loss.item() / ref_loss.item() - 1) < LOSS_TOL
     loss.backward()
