@@ -254,6 +254,10 @@ def main(*args: Any, **flags: Any) -> None:
     stage = "checking the flags"
     try:
         check_options(options, FLAGS)
+        for f in FLAGS:  # check_options tests `valid` on numbers only; the choices here are text
+            value = getattr(options, f.name)
+            if f.type is str and f.valid is not None and not f.valid[1](value):
+                raise UsageError(f"--{f.name} must be {f.valid[0]}, got {value!r}")
         if options.merge and options.preset != "lora":
             raise UsageError(f"--merge is for --preset lora; --preset {options.preset} already saves full weights")
         if not Path(options.data).is_file():

@@ -137,3 +137,13 @@ def test_bad_lines_are_reported_by_number(capsys, checkpoint, dataset, tmp_path)
     assert [r.split(":")[1] for r in reports] == ["2", "3", "4", "5", "6"]
     assert "does not exist" in reports[0] and "suffix is empty" in reports[1] and "not valid JSON" in reports[2]
     assert '"prefix" must be a string' in reports[3] and "more than the model's 300 positions" in reports[4]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "bias"], "--preset must be one of full, llm, attn, lora, got 'bias'"),
+    (["--merge", "--preset", "attn"], "--merge is for --preset lora"),
+    (["--batch_size", 0], "--batch_size must be a positive integer"),
+])
+def test_bad_flags_are_one_line_errors(capsys, dataset, tmp_path, args, message):
+    code, err = run(capsys, "--model_path", tmp_path, "--data", dataset, "--output_dir", tmp_path / "o", *args)
+    assert code == 2 and err.strip() == f"error: {err.strip().removeprefix('error: ')}" and message in err
