@@ -106,6 +106,11 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     B, H, T, hd = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     rep = H // n_kv
+    if softcap is None and T > 1 and q.requires_grad and torch.is_grad_enabled():
+        # Training: SDPA's CPU backward parallelises over batch x heads, so folded query heads (below) would leave
+        # it one head per KV group to run on one thread (15x slower for MQA). K/V copied per query head instead.
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     # Query head h uses KV head h // rep (transformers' repeat_kv order). Folding the `rep` query heads of
     # a group into the row axis lets one KV head serve them all without materialising copies of K/V.
     q = q.reshape(B, n_kv, rep * T, hd)  # (B, H_kv, rep*T, hd)
