@@ -19,11 +19,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from configuration_paligemma import NAMED_CONFIGS, GemmaConfig, PaliGemmaConfig  # noqa: F401 — re-exported
+from kv_cache import KVCache  # noqa: F401 — re-exported: the model makes and reads it
 from modeling_siglip import SiglipVisionModel
 from ops import Linear, gelu_tanh, linear
+from training import causal_lm_loss
 
 
 class GemmaRMSNorm(nn.Module):
@@ -41,40 +44,6 @@ class GemmaRMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (xf * (1.0 + self.weight.float())).type_as(x)
-
-
-class KVCache(nn.Module):
-    """Preallocated keys/values for every layer, written in place at tensor positions (never grown by cat).
-
-    k_cache, v_cache: (layers, B, n_kv_heads, max_seq_len, head_dim). `valid` marks which positions of each row
-    hold a real (non-padding) token, so attention masks can be built from the cache alone during decode.
-    """
-
-    def __init__(self, config: GemmaConfig, batch_size: int, max_seq_len: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        super().__init__()
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
-        self.register_buffer("valid", valid, persistent=False)
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.k_cache.shape[3]
-
-    def update(self, layer_idx: int, input_pos: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions `input_pos` (T,); return the layer's whole cache."""
-        k_all, v_all = self.k_cache[layer_idx], self.v_cache[layer_idx]  # views, (B, n_kv, S, hd)
-        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
-        return k_all, v_all
-
-    def update_mask(self, input_pos: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Record which of the new positions are real tokens; return the (B, S) validity of every position."""
-        self.valid.index_copy_(1, input_pos, attention_mask.to(torch.bool))
-        return self.valid
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +73,11 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     B, H, T, hd = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     rep = H // n_kv
+    if softcap is None and T > 1 and q.requires_grad and torch.is_grad_enabled():
+        # Training: SDPA's CPU backward parallelises over batch x heads, so folded query heads (below) would leave
+        # it one head per KV group to run on one thread (15x slower for MQA). K/V copied per query head instead.
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     # Query head h uses KV head h // rep (transformers' repeat_kv order). Folding the `rep` query heads of
     # a group into the row axis lets one KV head serve them all without materialising copies of K/V.
     q = q.reshape(B, n_kv, rep * T, hd)  # (B, H_kv, rep*T, hd)
@@ -210,11 +184,14 @@ class GemmaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Training: recompute each layer's activations in the backward pass instead of keeping them.
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                prefix_len: int | torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings x (B, T, D) -> final-normed hidden states (B, T, D); arguments as in PaliGemma's forward."""
+                prefix_len: int | torch.Tensor | None = None, prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings x (B, T, D) -> final-normed hidden states (B, T, D); arguments as in PaliGemma's forward
+        (prefix_mask: its token_type_ids == 0)."""
         B, T, _ = x.shape
         device = x.device
         if input_pos is None:
@@ -230,10 +207,15 @@ class GemmaModel(nn.Module):
             key_pos = torch.arange(kv_cache.max_seq_len, device=device)
         else:
             key_valid, key_pos = attention_mask.to(torch.bool), input_pos
-        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, self.config.sliding_window)
+        masks = build_attention_masks(key_valid, key_pos, input_pos, prefix_len, self.config.sliding_window,
+                                      prefix_mask)
         cos_sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos_sin, masks, input_pos, kv_cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos_sin, masks, input_pos, kv_cache,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos_sin, masks, input_pos, kv_cache)
         return self.norm(x)
 
 
@@ -247,11 +229,16 @@ class GemmaForCausalLM(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0) -> torch.Tensor:
+                prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0,
+                prefix_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (B, T, D) -> logits (B, T or num_logits_to_keep, V); arguments as in PaliGemma's forward."""
-        x = self.model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len)
+        x = self.model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len, prefix_mask)
         if num_logits_to_keep:
             x = x[:, -num_logits_to_keep:]  # prefill: skip the 257k-wide head for every prompt position
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states (..., D) -> logits (..., V)."""
         # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
         # 257k x hidden weight to x's (a float32 copy of it would be as large as all other weights together).
         weight = self.model.embed_tokens.weight
@@ -275,8 +262,8 @@ class PaliGemmaMultiModalProjector(nn.Module):
 
 
 def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_pos: torch.Tensor,
-                          prefix_len: int | torch.Tensor | None,
-                          sliding_window: int | None) -> dict[str, torch.Tensor | None]:
+                          prefix_len: int | torch.Tensor | None, sliding_window: int | None,
+                          prefix_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Prefix-LM masks (B, 1, T, S), True = may attend.
 
     A query at position q sees key k when k holds a real token and either k <= q (causal) or both lie in the
@@ -284,6 +271,8 @@ def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_
     "this call is one block": its tokens see each other (and, causally, everything before them), which is the
     prefix during prefill and plain causal attention for a single decoded token. Sliding layers additionally require
     k > q - window for the causal part; prefix pairs stay visible, as in transformers' PaliGemma 2.
+    prefix_mask (B, T), training without a cache (T = S): per row, the tokens of the bidirectional block (image,
+    prompt and left padding, token_type_ids == 0); it replaces prefix_len, and the suffix after it is causal.
     """
     q = input_pos[:, None]  # (T, 1)
     k = key_pos[None, :]  # (1, S)
@@ -292,12 +281,15 @@ def build_attention_masks(key_valid: torch.Tensor, key_pos: torch.Tensor, input_
     else:
         start, end = 0, prefix_len
     causal = k <= q
-    prefix = (k >= start) & (k < end) & (q >= start) & (q < end)
+    if prefix_mask is None:
+        prefix = ((k >= start) & (k < end) & (q >= start) & (q < end))[None, None]  # (1, 1, T, S)
+    else:
+        prefix = prefix_mask[:, None, :, None] & prefix_mask[:, None, None, :]  # (B, 1, T, S)
     valid = key_valid[:, None, None, :]  # (B, 1, 1, S)
-    masks = {"full": valid & (causal | prefix)[None, None], "sliding": None}
+    masks = {"full": valid & (causal[None, None] | prefix), "sliding": None}
     if sliding_window is not None:
         local = causal & (k > q - sliding_window)
-        masks["sliding"] = valid & (local | prefix)[None, None]
+        masks["sliding"] = valid & (local[None, None] | prefix)
     return masks
 
 
@@ -368,7 +360,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         return x
 
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, kv_cache=None, input_pos=None,
-                     position_ids=None) -> None:
+                     position_ids=None, token_type_ids=None, labels=None) -> None:
         """forward's arguments against what they must be; ValueError / TypeError naming the argument, raised here
         rather than as an index or shape error deep inside torch. Token values and cache positions are read (a
         device sync) on the CPU, and elsewhere only for calls of more than one token, so GPU decode stays async."""
@@ -382,7 +374,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         need(input_ids.dim() == 2 and input_ids.numel() > 0,
              f"input_ids must be 2-D (batch, tokens) and not empty, got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids),
+                        ("token_type_ids", token_type_ids), ("labels", labels)):
             need(t is None or (isinstance(t, torch.Tensor) and t.shape == input_ids.shape),
                  f"{name} must have input_ids' shape {(B, T)}, got {tuple(getattr(t, 'shape', ()))}")
         if pixel_values is not None:
@@ -415,7 +408,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 prefix_len: int | torch.Tensor | None = None, num_logits_to_keep: int = 0,
-                compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                compute_dtype: torch.dtype | None = None, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run the decoder over `input_ids` (B, T) and return {"logits": (B, T or num_logits_to_keep, V)}.
 
         input_ids: token ids with `<image>` × N where images go; pixel_values: (B, 3, S, S) or None once the
@@ -426,9 +420,21 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         num_logits_to_keep: 0 = all positions, n = the last n (generation needs 1). compute_dtype: the dtype the
         activations and arithmetic use (default: the weights'); weights of another dtype are cast per layer, the
         KV cache keeps its own dtype. generate_ids prefills bf16 weights in float32 on CPUs without bf16 arithmetic.
+        Fine-tuning (no kv_cache; see training.py): token_type_ids (B, T), 0 on image + prompt (+ padding), 1 on
+        the suffix: the former attend bidirectionally, the suffix causally. labels (B, T): target ids, -100 where
+        no loss; adds "loss", the mean cross-entropy over labelled tokens after the one-position shift.
         """
         if not torch.compiler.is_compiling():  # compiled decode steps come from generate_ids, already checked
-            self.check_inputs(input_ids, pixel_values, attention_mask, kv_cache, input_pos, position_ids)
+            self.check_inputs(input_ids, pixel_values, attention_mask, kv_cache, input_pos, position_ids,
+                              token_type_ids, labels)
+        prefix_mask = None
+        if token_type_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("token_type_ids are for training without a kv_cache; generation uses prefix_len")
+            prefix_mask = token_type_ids == 0
         x = self.embed(input_ids, pixel_values, compute_dtype)
-        return {"logits": self.language_model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len,
-                                              num_logits_to_keep)}
+        out = {"logits": self.language_model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len,
+                                             num_logits_to_keep, prefix_mask)}
+        if labels is not None:
+            out["loss"] = causal_lm_loss(out["logits"], labels)
+        return out

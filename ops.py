@@ -85,7 +85,10 @@ def cast_like(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         return p
     if p.is_mkldnn:  # a packed weight (pack_linear_weights) met activations of another dtype: unpack first
         p = p.to_dense()
-    if p.numel() < (1 << 20) or torch.compiler.is_compiling():
+    # Training (bf16 autocast hands bf16 activations to float32 weights): autograd keeps the cast weight for the
+    # backward pass, so it must be a copy of its own, never the scratch buffer the next cast overwrites.
+    if p.numel() < (1 << 20) or torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and (p.requires_grad or x.requires_grad)):
         return p.to(x.dtype)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key = (x.dtype, p.device)

@@ -97,7 +97,8 @@ class PaliGemmaProcessor:
 
     `processor(text=[...], images=[...])` returns {"input_ids": (B, T) long, "attention_mask": (B, T) long,
     "pixel_values": (B, 3, S, S) float32}; rows are left-padded to the longest prompt so every row's last token
-    sits at the same position, which is what batched generation needs.
+    sits at the same position, which is what batched generation needs. With `suffix=` (fine-tuning) each row is
+    prompt + suffix + EOS and `token_type_ids` and `labels` come too (see __call__).
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, image_size: int):
@@ -122,9 +123,20 @@ class PaliGemmaProcessor:
         text = prompt if prompt.endswith("\n") else prompt + "\n"
         return [self.image_token_id] * self.num_image_tokens + [self.bos_token_id] + self._encode(text)
 
-    def __call__(self, text: Sequence[str] | str,
-                 images: Sequence[Image.Image] | Image.Image) -> dict[str, torch.Tensor]:
-        """One prompt per image (a single str and image are a batch of one) -> the tensors described above."""
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """The training target's tokens then EOS; tokenized on its own, as transformers' text pair is."""
+        if not isinstance(suffix, str):
+            raise ProcessorError(f"a suffix must be a string, got {type(suffix).__name__}")
+        return self._encode(suffix) + [self.tokenizer.eos_token_id]
+
+    def __call__(self, text: Sequence[str] | str, images: Sequence[Image.Image] | Image.Image,
+                 suffix: Sequence[str] | str | None = None) -> dict[str, torch.Tensor]:
+        """One prompt per image (a single str and image are a batch of one) -> the tensors described above.
+
+        suffix (fine-tuning): one target text per prompt, appended after the prompt's "\n" with EOS after it.
+        Then the result also holds `token_type_ids` (0 on image + prompt + padding, 1 on the suffix) and `labels`
+        (the ids on the suffix, -100 elsewhere), as transformers' `PaliGemmaProcessor(..., suffix=...)` returns.
+        """
         prompts = _as_batch(text, "text", str, "a prompt string or a list of them")
         imgs = _as_batch(images, "images", Image.Image, "a PIL.Image.Image or a list of them (open files with "
                          "PIL.Image.open(path), arrays with PIL.Image.fromarray(array))")
@@ -132,16 +144,24 @@ class PaliGemmaProcessor:
             raise ProcessorError(f"got {len(prompts)} prompts for {len(imgs)} images; give one prompt per image")
         if not prompts:
             raise ProcessorError("no prompts/images given")
+        suffixes = None if suffix is None else _as_batch(suffix, "suffix", str, "a target string or a list of them")
+        if suffixes is not None and len(suffixes) != len(prompts):
+            raise ProcessorError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts; give one per prompt")
         for im in imgs:
             if im.width < 1 or im.height < 1:
                 raise ProcessorError(f"an image is empty ({im.width}x{im.height} pixels); give a real picture")
-        ids = [self.prompt_ids(p) for p in prompts]
-        T = max(len(r) for r in ids)
-        input_ids = torch.full((len(ids), T), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, row in enumerate(ids):
+        prefix_rows = [self.prompt_ids(p) for p in prompts]
+        suffix_rows = [[] for _ in prompts] if suffixes is None else [self.suffix_ids(s) for s in suffixes]
+        T = max(len(p) + len(s) for p, s in zip(prefix_rows, suffix_rows, strict=True))
+        input_ids = torch.full((len(prompts), T), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+        token_type_ids = torch.zeros((len(prompts), T), dtype=torch.long)
+        for b, (prefix, target) in enumerate(zip(prefix_rows, suffix_rows, strict=True)):
+            row = prefix + target
             input_ids[b, T - len(row):] = torch.tensor(row)  # left padding
             attention_mask[b, T - len(row):] = 1
+            if target:
+                token_type_ids[b, T - len(target):] = 1
         pixels = []
         for im in imgs:
             try:
@@ -150,7 +170,12 @@ class PaliGemmaProcessor:
                 raise ProcessorError(f"cannot convert an image of mode {im.mode} to RGB ({e}); save it as RGB") \
                     from None
         pixel_values = torch.from_numpy(np.stack(pixels))
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+        if suffixes is not None:
+            out["token_type_ids"] = token_type_ids
+            # Padding is token type 0, so it is -100 too (transformers: labels = ids where token_type_ids == 1).
+            out["labels"] = input_ids.masked_fill(token_type_ids == 0, -100)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,20 +16,19 @@ module decides what the files are called and what they hold; the callers decide 
 It lives in tests/, and the benchmark imports it from here, because it is test support: every test run writes
 checkpoints through it and loads them both with our loader and with transformers, so a layout mistake fails CI,
 which a copy among the benchmarks (run by hand) would not. It needs only torch, safetensors and the standard
-library: nothing of the library under test.
+library, and the shard writer it shares with the library's own checkpoint saving (hub_writer.py, used by
+finetune.py): nothing of the model code under test.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for hub_writer when run as a script
+from hub_writer import HUB_MAX_SHARD_BYTES, plan_shards, write_json, write_shards  # noqa: E402, F401 — re-exported
 
 # Gemma's first ids: pad 0, eos 1, bos 2, unk 3, <mask> 4, <2mass> 5, [@BOS@] 6, <unused0..98> 7..105,
 # <start_of_turn> 106, <end_of_turn> 107, "\n" 108, "\n\n" 109. Both vocabularies keep them.
@@ -45,11 +44,6 @@ BOS, EOS, PAD = 2, 1, 0
 
 # The transformers version each family's hub config.json was written by.
 TRANSFORMERS_VERSION = {"pg1": "4.41.0.dev0", "pg2": "4.47.0.dev0"}
-HUB_MAX_SHARD_BYTES = 5_000_000_000  # save_pretrained's default max_shard_size="5GB"
-
-
-def _write_json(path: Path, obj, indent: int | None = 2, newline: bool = True) -> None:
-    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + ("\n" if newline else ""), encoding="utf-8")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -89,10 +83,10 @@ def hub_config(*, gemma2: bool, text: dict, vision: dict, image_token_index: int
 
 def write_config(out: Path, config: dict) -> None:
     """config.json, and generation_config.json with the same token ids."""
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "pad_token_id": config["pad_token_id"], "transformers_version": config["transformers_version"]}
-    _write_json(out / "generation_config.json", gen)
+    write_json(out / "generation_config.json", gen)
 
 
 def write_preprocessor_config(out: Path, image_size: int, num_image_tokens: int) -> None:
@@ -102,67 +96,12 @@ def write_preprocessor_config(out: Path, image_size: int, num_image_tokens: int)
            "image_seq_length": num_image_tokens, "image_std": [0.5, 0.5, 0.5],
            "processor_class": "PaliGemmaProcessor", "resample": 3, "rescale_factor": 1 / 255,
            "size": {"height": image_size, "width": image_size}}
-    _write_json(out / "preprocessor_config.json", pre)
+    write_json(out / "preprocessor_config.json", pre)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # weights
 # ---------------------------------------------------------------------------------------------------------------
-
-def plan_shards(sizes: dict[str, int], n_shards: int = 3) -> list[list[str]]:
-    """Split the keys (name -> bytes), in order, into n_shards contiguous non-empty groups. When the total needs
-    exactly n_shards shards of 5 GB (paligemma-3b-* in float32) they are packed greedily up to 5 GB, as
-    save_pretrained does; otherwise the bytes are split evenly (each key goes where its middle byte falls)."""
-    total = sum(sizes.values())
-    hub_like = math.ceil(total / HUB_MAX_SHARD_BYTES) == n_shards
-    groups: list[list[str]] = [[]]
-    acc = 0  # bytes in the current group
-    done = 0  # bytes in closed groups
-    for i, (k, s) in enumerate(sizes.items()):
-        if hub_like:
-            full = acc + s > HUB_MAX_SHARD_BYTES
-        else:
-            full = done + acc + s / 2 > total * len(groups) / n_shards
-        few_left = len(sizes) - i < n_shards - len(groups) + 1  # each remaining group still needs a key
-        if groups[-1] and (full or few_left) and len(groups) < n_shards:
-            groups.append([])
-            done += acc
-            acc = 0
-        groups[-1].append(k)
-        acc += s
-    if len(groups) != n_shards or not all(groups):
-        raise RuntimeError(f"could not split {len(sizes)} tensors into {n_shards} shards: {[len(g) for g in groups]}")
-    return groups
-
-
-def write_shards(out: Path, groups: list[list[str]], tensors_of: Callable[[list[str]], dict[str, torch.Tensor]],
-                 log: Callable[[str], None] | None = None) -> int:
-    """model-0000N-of-0000M.safetensors, one per group (tensors_of(keys) makes that shard's tensors, so only one
-    shard is in memory at a time; each file is written under a temporary name and renamed), then
-    model.safetensors.index.json. Returns the total tensor bytes."""
-    from safetensors.torch import save_file
-
-    weight_map: dict[str, str] = {}
-    total = 0
-    for n, keys in enumerate(groups, 1):
-        t0 = time.perf_counter()
-        fname = f"model-{n:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {k: t.contiguous() for k, t in tensors_of(keys).items()}
-        nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
-        t1 = time.perf_counter()
-        tmp = out / (fname + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / fname)
-        del tensors
-        weight_map.update(dict.fromkeys(keys, fname))
-        total += nbytes
-        if log is not None:
-            log(f"  {fname}: {len(keys)} tensors, {nbytes / 1e9:.3f} GB (generate {t1 - t0:.1f}s, "
-                f"write {time.perf_counter() - t1:.1f}s)")
-    _write_json(out / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    return total
-
 
 def log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -218,7 +157,7 @@ def write_tokenizer(out: Path, vocab: dict[str, int], merges: list[list[str]], i
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
                   "vocab": vocab, "merges": merges},
     }
-    _write_json(out / "tokenizer.json", tokenizer_json, indent=None, newline=False)
+    write_json(out / "tokenizer.json", tokenizer_json, indent=None, newline=False)
     tok_cfg = {
         "add_bos_token": add_bos, "add_eos_token": False,
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
@@ -227,13 +166,13 @@ def write_tokenizer(out: Path, vocab: dict[str, int], merges: list[list[str]], i
         "processor_class": "PaliGemmaProcessor", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
         "tokenizer_class": "GemmaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False,
     }
-    _write_json(out / "tokenizer_config.json", tok_cfg, newline=False)
+    write_json(out / "tokenizer_config.json", tok_cfg, newline=False)
 
     def token(content: str) -> dict:
         return {k: v for k, v in _added(content, True).items() if k != "special"}
 
     special = {"additional_special_tokens": [token(IMAGE_TOKEN)], "bos_token": token("<bos>"),
                "eos_token": token("<eos>"), "pad_token": token("<pad>"), "unk_token": token("<unk>")}
-    _write_json(out / "special_tokens_map.json", special, newline=False)
+    write_json(out / "special_tokens_map.json", special, newline=False)
     if spm_model is not None:
         (out / "tokenizer.model").write_bytes(spm_model)
