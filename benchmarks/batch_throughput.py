@@ -99,7 +99,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     base = rows[0][1][2]
     for name, (wall, rate, answering) in rows:
-        print(f"| {name} | {wall:.1f} | {rate:.2f} | {answering:.2f} | {answering / base:.2f}x |")
+        print(f"| {name} | {wall:.1f} | {rate:.3g} | {answering:.3g} | {answering / base:.2f}x |")
 
 
 if __name__ == "__main__":
