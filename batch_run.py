@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli_checks import UsageError, log
+from cli_checks import RunFailed, UsageError, log
 
 # Rank 0 gives up waiting when no part file has grown for this long (a rank or host was lost without torchrun
 # noticing); the error exit makes torchrun restart the group, or the user reruns, and the work resumes.
@@ -186,8 +186,8 @@ class Job:
         found = self._scan(repair=False)
         missing = np.flatnonzero(found.src < 0)
         if len(missing):
-            raise RuntimeError(f"{len(missing)} images (first: index {missing[0]}, {self.paths[missing[0]]}) have no "
-                               f"line in {self.parts}; rerun the command to answer them")
+            raise RunFailed(f"{len(missing)} images (first: index {missing[0]}, {self.paths[missing[0]]}) have no "
+                            f"line in {self.parts}; rerun the command to answer them")
         if len(self.paths) != found.output_lines or (found.src > 0).any():
             _merge(found, self.output)
         for part in self.parts.glob("*"):
@@ -267,7 +267,7 @@ class Job:
             if not waiting:
                 return
             if time.monotonic() - last_growth > STALL_S:
-                raise RuntimeError(f"{waiting} ranks wrote nothing to {self.parts} for {STALL_S} s; rerun the command "
+                raise RunFailed(f"{waiting} ranks wrote nothing to {self.parts} for {STALL_S} s; rerun the command "
                                    "to resume (what is on disk is kept)")
             time.sleep(POLL_S)
 
@@ -389,6 +389,6 @@ def _share_plan(plan: object, rank: Rank) -> object:
                     store.set(f"batch_run/reply/{nonce.decode()}", mine)
                     answered.add(nonce)
         if time.monotonic() > deadline:
-            raise RuntimeError(f"not every rank asked for the plan within {STALL_S} s; rerun the command")
+            raise RunFailed(f"not every rank asked for the plan within {STALL_S} s; rerun the command")
         time.sleep(0.05)
     return plan

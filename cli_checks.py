@@ -44,6 +44,11 @@ class UsageError(ValueError):
     """A command-line flag that is missing, unknown or has a bad value."""
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot finish for a reason outside this program (ranks that stopped writing, a lost host); not
+    bad input and not a bug: exit 1 with the message as it is, which says what to do."""
+
+
 class OutputError(ValueError):
     """An answer or a drawing that cannot be written (stdout closed, a full disk); the message says where."""
 
@@ -343,6 +348,8 @@ def describe(e: BaseException, stage: str) -> tuple[int, str]:
         else:
             hint = "try --dtype bfloat16 (half of float32), a smaller checkpoint, or a device with more memory"
         return EXIT_FAILURE, f"out of memory while {stage}{detail}; {hint}"
+    if isinstance(e, RunFailed):
+        return EXIT_FAILURE, one_line(e)
     if isinstance(e, (CheckpointError, ProcessorError, ImageError, UsageError, ValueError)):
         return EXIT_BAD_INPUT, one_line(e)
     if isinstance(e, OSError) and e.filename is not None:
