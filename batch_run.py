@@ -268,7 +268,7 @@ class Job:
                 return
             if time.monotonic() - last_growth > STALL_S:
                 raise RunFailed(f"{waiting} ranks wrote nothing to {self.parts} for {STALL_S} s; rerun the command "
-                                   "to resume (what is on disk is kept)")
+                                "to resume (what is on disk is kept)")
             time.sleep(POLL_S)
 
 

@@ -48,7 +48,8 @@ def test_without_suffix_nothing_changes(processors):
     assert set(out) == {"input_ids", "attention_mask", "pixel_values"}
 
 
-@pytest.mark.parametrize("suffix, message", [(["a", "b"], "2 suffixes for 1 prompts"), ([3], "suffix must be a target string or a list of them, got a list holding int")])
+@pytest.mark.parametrize("suffix, message", [(["a", "b"], "2 suffixes for 1 prompts"),
+                                             ([3], "suffix must be a target string or a list of them, got a list")])
 def test_bad_suffix_is_a_clear_error(processors, suffix, message):
     ours, _ = processors
     with pytest.raises(ProcessorError, match=message):
