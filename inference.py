@@ -59,6 +59,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     sample_next_token,
 )
 from processing_paligemma import Detection, draw_detections, parse_detections, to_rgb
+from quantize import check_method
 from utils import load_hf_model, resolve_device_dtype
 
 
@@ -100,6 +101,9 @@ FLAGS: tuple[Flag, ...] = (
          valid=("a positive integer", _at_least(1))),
     Flag("verbose", bool, False, "print load time, time to first token and tokens/s (images/s for several) to "
          "stderr.", short="v"),
+    Flag("quantize", str, None, "int8: int8 weights with per-output-channel scales, quantized while loading a "
+         "float checkpoint (half the bytes of bfloat16; faster CPU decode; logits move, see README). A checkpoint "
+         "saved by quantize.py is int8 without this flag.", metavar="METHOD", shown_default="none"),
     Flag("compile", bool, False, "CUDA only: compile the decode step into one CUDA graph per token "
          "(torch.compile); the first call compiles for a while, so it pays for long answers and many images. "
          "Ignored elsewhere.", short="c"),
@@ -152,7 +156,8 @@ def main(*args: Any, **flags: Any) -> None:
             raise UsageError(f"--only_cpu True contradicts --device {options.device}; give one of them")
         paths, many = expand_image_paths(options.image_file_path)
         drawings = output_image_paths(options.output_image, paths, many)
-        device, dtype = resolve_device_dtype("cpu" if options.only_cpu else options.device, options.dtype)
+        device, dtype = resolve_device_dtype("cpu" if options.only_cpu else options.device, options.dtype,
+                                             check_method(options.quantize))
         compile = options.compile
         if compile and device.type != "cuda":
             log(f"note: --compile pays only on CUDA (CUDA graphs); running eager on {device.type}")
@@ -164,7 +169,8 @@ def main(*args: Any, **flags: Any) -> None:
             image = load_image(paths[0])  # before the model: a bad image should not cost a long load
         stage = "loading the model"
         started = time.perf_counter()
-        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None)  # packs where it pays
+        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None,  # packs where it pays
+                                         quantize=options.quantize)
         log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
         stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None
         stage = "generating"
