@@ -67,9 +67,9 @@ def check_method(quantize: str | None) -> str | None:
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row."""
     w = w.float()
-    amax = w.abs().amax(dim=1)
+    amax = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w| per row in one pass, no |w| temporary
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row: any scale is exact
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = torch.div(w, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
@@ -335,6 +335,10 @@ def save_int8_checkpoint(model: nn.Module, source_dir: str | os.PathLike, out_di
         for name in _SIDE_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp made the directory private: give both the usual modes
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -351,8 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out", help="new directory for the int8 checkpoint")
     ap.add_argument("--dtype", default=None, help="dtype of the float parts (norms, biases); default bfloat16")
     args = ap.parse_args(argv)
+    import quantize  # this file runs as __main__: the model's modules are quantize's classes, not __main__'s
+
     model, _ = utils.load_hf_model(args.src, "cpu", args.dtype, quantize="int8")
-    print(save_int8_checkpoint(model, utils.resolve_model_path(args.src), args.out))
+    print(quantize.save_int8_checkpoint(model, utils.resolve_model_path(args.src), args.out))
 
 
 if __name__ == "__main__":
