@@ -14,11 +14,12 @@ the first run listed (ours float32 by default). The page cache holds the checkpo
 means a new process, not a cold disk.
 
 Runs (--runs, impl:dtype): ours:float32, ours:bfloat16, ours:int8 (int8 weights, bf16 float parts, quantized
-while loading), transformers:float32, transformers:bfloat16, and transformers-torchao:int8 (transformers
-with TorchAoConfig(Int8WeightOnlyConfig()) on bf16, when torchao imports: give its directory with --torchao-path
-if it is installed aside). Whole rounds repeat --repeat times, interleaved, and the table shows medians, so the
-load of a shared machine hits every row alike. The CPU model, its relevant flags and the load average are
-printed with the table. Progress goes to stderr; the table to stdout. No threshold is asserted anywhere.
+while loading), ours:int8-saved (with --int8-ckpt: the int8 checkpoint `python quantize.py` saved),
+transformers:float32, transformers:bfloat16, and transformers-torchao:int8 (transformers with
+TorchAoConfig(Int8WeightOnlyConfig()) on bf16, when torchao imports: give its directory with --torchao-path if it
+is installed aside). Whole rounds repeat --repeat times, interleaved, and the table shows medians, so the load of a
+shared machine hits every row alike. The CPU model, its relevant flags and the load average are printed with the
+table. Progress goes to stderr; the table to stdout. No threshold is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _load(impl: str, dtype: str, ckpt: str):
         import utils
         from generation import generate_ids
 
-        quant = "int8" if dtype == "int8" else None
+        quant = "int8" if dtype.startswith("int8") else None  # int8-saved: --ckpt is the saved int8 one
         model, _ = utils.load_hf_model(ckpt, "cpu", None if quant else dtype, progress=False, pack=None,
                                        quantize=quant)
 
@@ -116,7 +117,8 @@ def _bytes(model, keep) -> int:
 
 def measure(args, impl: str, dtype: str) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--dtype", dtype,
-           "--ckpt", args.ckpt, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+           "--ckpt", args.int8_ckpt if dtype == "int8-saved" else args.ckpt, "--new-tokens", str(args.new_tokens),
+           "--threads", str(args.threads)]
     env = dict(os.environ)
     if impl == "transformers-torchao" and args.torchao_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.torchao_path, env.get("PYTHONPATH")]))
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="interleaved rounds; the table shows medians")
     ap.add_argument("--torchao-path", default=None, help="directory holding torchao, if installed aside "
                     "(pip install --target DIR torchao); put on PYTHONPATH for the torchao run only")
+    ap.add_argument("--int8-ckpt", default=None, help="a saved int8 checkpoint of --ckpt (python quantize.py "
+                    "CKPT OUT): adds the run ours:int8-saved, which loads it instead of quantizing while loading")
     ap.add_argument("--child-timeout", type=float, default=1800)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="ours", help=argparse.SUPPRESS)
@@ -197,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.ckpt = str(Path(args.ckpt).resolve())
     plan = [tuple(run.split(":")) for run in args.runs.split(",")]
+    if args.int8_ckpt:
+        args.int8_ckpt = str(Path(args.int8_ckpt).resolve())
+        plan.insert(next((i + 1 for i, p in enumerate(plan) if p == ("ours", "int8")), len(plan)),
+                    ("ours", "int8-saved"))
     cpu = cpu_description()
     print(f"{cpu}; load average {os.getloadavg()[0]:.2f}; {args.ckpt}; {args.threads} threads; "
           f"{args.new_tokens} new tokens", file=sys.stderr)
