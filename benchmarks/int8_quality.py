@@ -4,7 +4,8 @@
 
 For each prompt (one noise image + a task prompt), the float32 model generates --steps greedy tokens; then each
 other setting (bf16, int8 with bf16 float parts) runs one teacher-forced forward over the prompt and those
-tokens, so every setting is scored on the same --steps positions: the share of steps whose argmax equals
+tokens (in the arithmetic dtype its prefill uses on this CPU, generation.auto_prefill_dtype), so every setting
+is scored on the same --steps positions: the share of steps whose argmax equals
 float32's (top-1 agreement), the relative error of the logits (Frobenius norm of the difference over float32's),
 and the number of leading steps whose argmax agree. One model is in memory at a time (float32 needs ~12 GB).
 Prints a markdown table to stdout.
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generation import generate_ids, make_processor  # noqa: E402
+from generation import auto_prefill_dtype, generate_ids, make_processor  # noqa: E402
 from utils import load_hf_model  # noqa: E402
 
 PROMPTS = ("caption en", "answer en what is in the image?", "detect cat ; dog", "ocr")
@@ -40,7 +41,8 @@ def _step_logits(model, inputs: dict, new_ids: torch.Tensor) -> torch.Tensor:
     """Teacher-forced logits (steps, V) predicting new_ids[i] at step i, in float32."""
     T = inputs["input_ids"].shape[1]
     ids = torch.cat([inputs["input_ids"], new_ids[None]], 1)
-    out = model(ids, inputs["pixel_values"], prefix_len=T)["logits"][0, T - 1:T - 1 + new_ids.numel()]
+    out = model(ids, inputs["pixel_values"], prefix_len=T, compute_dtype=auto_prefill_dtype(model))["logits"]
+    out = out[0, T - 1:T - 1 + new_ids.numel()]
     return out.float()
 
 
