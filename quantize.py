@@ -76,8 +76,9 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 (N, K) x scale (N,) -> (N, K) in dtype, in ops' reused scratch buffer (valid until its next use)."""
     out = ops.scratch(q.shape, dtype, q.device)
-    # One pass: int8 x float32 promotes to float32 in the multiply, rounded once into `out`'s dtype.
-    return torch.mul(q, scale[:, None], out=out) if dtype == torch.float32 else out.copy_(q * scale[:, None])
+    # Convert (exact: |q| <= 127), then scale in place in out's own dtype: several times faster than
+    # torch.mul(q, scale, out=out), whose mixed-dtype loop is not vectorised (benchmarks/README.md).
+    return out.copy_(q).mul_(scale[:, None].to(dtype))
 
 
 @functools.cache
