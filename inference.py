@@ -80,6 +80,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     sample_next_token,
 )
 from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb
+from quantize import check_method
 from segmentation import HUB_VAE, Segment, draw_segments, load_vae, read_segments, resolve_vae_path
 from utils import load_hf_model, resolve_device_dtype
 
@@ -126,6 +127,9 @@ FLAGS: tuple[Flag, ...] = (
          valid=("a positive integer", _at_least(1))),
     Flag("verbose", bool, False, "print load time, time to first token and tokens/s (images/s for several) to "
          "stderr.", short="v"),
+    Flag("quantize", str, None, "int8: int8 weights with per-output-channel scales, quantized while loading a "
+         "float checkpoint (half the bytes of bfloat16; faster CPU decode; logits move, see README). A checkpoint "
+         "saved by quantize.py is int8 without this flag.", metavar="METHOD", shown_default="none"),
     Flag("compile", bool, False, "CUDA only: compile the decode step into one CUDA graph per token "
          "(torch.compile); the first call compiles for a while, so it pays for long answers and many images. "
          "Ignored elsewhere.", short="c"),
@@ -193,7 +197,8 @@ def main(*args: Any, **flags: Any) -> None:
         many = many or options.output is not None  # --output is JSON Lines, whatever the count
         drawings = output_image_paths(options.output_image, paths, many)
         rank = Rank.from_env()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK...; rank 0 of 1 without it
-        device, dtype = resolve_device_dtype(rank.device("cpu" if options.only_cpu else options.device), options.dtype)
+        device, dtype = resolve_device_dtype(rank.device("cpu" if options.only_cpu else options.device), options.dtype,
+                                             check_method(options.quantize))
         rank.bind(device)  # under torchrun: its share of the CPU cores, or its GPU as the current device
         if rank.launched and options.output is None:
             raise UsageError("under torchrun give --output FILE.jsonl: each rank answers its share into it")
@@ -214,14 +219,15 @@ def main(*args: Any, **flags: Any) -> None:
             stage = "reading what is answered already"
             # What decides the answers: a resumed run refuses to mix in answers made with other values.
             settings = {f: getattr(options, f) for f in ("prompt", "max_tokens_to_generate", "do_sample",
-                                                         "temperature", "top_p", "top_k", "seed")}
+                                                         "temperature", "top_p", "top_k", "seed", "quantize")}
             settings.update(model_path=str(options.model_path), dtype=str(dtype))
             job = Job(options.output, paths, settings, rank)
             if not job.plan():  # nothing left for this rank: no model to load
                 return _exit_if_failed(job.finish(), len(paths), options.output)
         stage = "loading the model"
         started = time.perf_counter()
-        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None)  # packs where it pays
+        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None,  # packs where it pays
+                                         quantize=options.quantize)
         stage = "generating"  # before the "loaded" line: what follows it is generation
         log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
         stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None

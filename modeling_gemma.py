@@ -241,8 +241,11 @@ class GemmaForCausalLM(nn.Module):
         """Final-normed hidden states (..., D) -> logits (..., V)."""
         # lm_head tied to the token embeddings. The few rows of x are cast to the weights' dtype, never the
         # 257k x hidden weight to x's (a float32 copy of it would be as large as all other weights together).
-        weight = self.model.embed_tokens.weight
-        logits = linear(x.to(weight.dtype), weight)
+        embed = self.model.embed_tokens
+        if hasattr(embed, "attend"):  # an int8 embedding (quantize.Int8Embedding) runs its own int8 matmul
+            logits = embed.attend(x)
+        else:
+            logits = linear(x.to(embed.weight.dtype), embed.weight)
         if self.config.final_logit_softcapping is not None:
             c = self.config.final_logit_softcapping
             logits = torch.tanh(logits / c) * c
@@ -310,7 +313,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.model.embed_tokens.weight.dtype
+        # The final norm's, not the embedding's: an int8 model (quantize.py) keeps its float parts in this dtype.
+        return self.language_model.model.norm.weight.dtype
 
     def new_kv_cache(self, batch_size: int, max_seq_len: int, reuse: bool = False) -> KVCache:
         """A cache sized for `max_seq_len` positions (prompt + new tokens) on the model's device and dtype.

@@ -90,12 +90,19 @@ def cast_like(p: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
     if p.numel() < (1 << 20) or torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and (p.requires_grad or x.requires_grad)):
         return p.to(x.dtype)
+    return scratch(p.shape, x.dtype, p.device).copy_(p)
+
+
+def scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of `shape` in this thread's reused buffer for (dtype, device), which grows to the
+    largest request and is never freed. Valid until the next call for the same dtype and device: for a weight
+    made for one matmul (cast_like, quantize.int8_linear's dequantized weight)."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (x.dtype, p.device)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < p.numel():
-        buf = buffers[key] = torch.empty(p.numel(), dtype=x.dtype, device=p.device)
-    return buf[: p.numel()].view(p.shape).copy_(p)
+    numel = shape.numel()
+    buf = buffers.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
 
 
 class Linear(nn.Linear):

@@ -108,13 +108,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float64": torch.float64}  # float64: for tight parity tests from Python; slow, never needed to run
 
 
-def resolve_device_dtype(device: str | torch.device | None = None,
-                         dtype: str | torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+def resolve_device_dtype(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                         quantize: str | None = None) -> tuple[torch.device, torch.dtype]:
     """The one place device and dtype are decided (the CLI and load_hf_model both ask here).
 
     device: None or "auto" -> CUDA, else MPS, else CPU; an explicit device that is not available is an error.
-    dtype: None -> float32 on CPU (exact, the parity-tested mode; bfloat16 is faster), bfloat16 on CUDA and MPS;
-    otherwise a name from DTYPES or a torch float dtype. Raises ValueError with one line for what does not exist.
+    dtype: None -> float32 on CPU (exact, the parity-tested mode; bfloat16 is faster), bfloat16 on CUDA and MPS
+    and for an int8 model's float parts (quantize="int8": its kernel takes bf16 activations); otherwise a name
+    from DTYPES or a torch float dtype. Raises ValueError with one line for what does not exist.
     """
     if device is None or str(device) == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
@@ -133,7 +134,7 @@ def resolve_device_dtype(device: str | torch.device | None = None,
         if dev.type == "mps" and not torch.backends.mps.is_available():
             raise ValueError(f"device {device!r} requested but MPS is not available; use --device cpu")
     if dtype is None:
-        return dev, torch.float32 if dev.type == "cpu" else torch.bfloat16
+        return dev, torch.float32 if dev.type == "cpu" and not quantize else torch.bfloat16
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16, torch.float16 or "
@@ -194,7 +195,8 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
 
 def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | None = "cpu",
                   dtype: str | torch.dtype | None = None, progress: bool = True,
-                  pack: bool | None = False) -> tuple[PaliGemmaForConditionalGeneration, Any]:
+                  pack: bool | None = False, quantize: str | None = None
+                  ) -> tuple[PaliGemmaForConditionalGeneration, Any]:
     """Load a PaliGemma checkpoint -> (model in eval mode, tokenizer).
 
     model_path: a directory in the hub layout, or a hub id such as "google/paligemma-3b-mix-224" (see
@@ -203,6 +205,8 @@ def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | No
     repack bf16 CPU weights for oneDNN (ops.pack_linear_weights: faster decode, same results, inference
     only, the weights become opaque; the CLI passes None); None = where it pays (ops.packing_pays: bf16 onto a
     CPU with bf16 arithmetic, oneDNN switched on). Default False: notebooks get ordinary dense weights.
+    quantize: "int8" = int8 weight-only (quantize.py; from a float checkpoint at load time); None = as stored (a
+    checkpoint written by quantize.save_int8_checkpoint loads as int8).
     Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.
     """
     root = resolve_model_path(model_path)
@@ -212,17 +216,22 @@ def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | No
             "google/paligemma-3b-mix-224")
     if not root.is_dir():
         raise CheckpointError(f"model path {root} is a file; give the checkpoint directory that contains it")
-    dev, dt = resolve_device_dtype(device, dtype)
+    import quantize as quantization  # here, not at the top: quantize.py builds on this module
+
+    int8 = quantization.check_method(quantize) == "int8" or quantization.is_int8_checkpoint(root)
+    dev, dt = resolve_device_dtype(device, dtype, "int8" if int8 else None)
     config = load_config(root)
     tokenizer = load_tokenizer(root, config)
     with torch.device("meta"):
         model = PaliGemmaForConditionalGeneration(config)
+    if int8:
+        quantization.use_int8_modules(model)
     total = sum(f.stat().st_size for f in weight_files(root))
     # disable= only when asked: an explicit value would override the TQDM_DISABLE environment variable. The
     # with-block closes the bar, ending its line, also when loading fails: the error starts a line of its own.
     with tqdm(total=total, desc="loading weights", unit="B", unit_scale=True, file=sys.stderr,
               **({} if progress else {"disable": True})) as bar:
-        load_weights(model, root, dev, dt, bar.update)
+        (quantization.load_int8_weights if int8 else load_weights)(model, root, dev, dt, bar.update)
     model.eval().requires_grad_(False)
     if pack is None:
         pack = ops.packing_pays(dev, dt)

@@ -161,7 +161,7 @@ class _ShardReader:
         self.file.close()
 
 
-def _check_finite(t: torch.Tensor, what: str, stored_as: torch.dtype) -> None:
+def check_finite(t: torch.Tensor, what: str, stored_as: torch.dtype) -> None:
     """Refuse a tensor holding NaN or +-Inf: one such value makes every answer empty or garbage, silently.
 
     min and max propagate NaN and show an infinity, so one reduction pass (no temporary the tensor's size, as
@@ -228,7 +228,7 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
                         reader = reader or _ShardReader(path)
                         loaded[name] = reader.read(key, dtype, device)
                     where[name] = path.name
-                    _check_finite(loaded[name], f"{path.name}: tensor {key}", _SAFETENSORS_DTYPES[sl.get_dtype()])
+                    check_finite(loaded[name], f"{path.name}: tensor {key}", _SAFETENSORS_DTYPES[sl.get_dtype()])
                     if on_bytes is not None:
                         nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
                         on_bytes(nbytes)

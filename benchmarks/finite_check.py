@@ -1,4 +1,4 @@
-"""What the NaN/Inf check of every weight (weights._check_finite) costs at load, on a full-size checkpoint.
+"""What the NaN/Inf check of every weight (weights.check_finite) costs at load, on a full-size checkpoint.
 
     python benchmarks/finite_check.py CKPT_DIR [--dtypes bfloat16,float32] [--rounds 2]
 
@@ -36,7 +36,7 @@ def child(ckpt: str, dtype: str, check: bool) -> None:
     from utils import load_hf_model
 
     spent = [0.0]
-    real = weights._check_finite
+    real = weights.check_finite
 
     def timed(*args):
         start = time.perf_counter()
@@ -45,7 +45,7 @@ def child(ckpt: str, dtype: str, check: bool) -> None:
         finally:
             spent[0] += time.perf_counter() - start
 
-    weights._check_finite = timed if check else (lambda *args: None)
+    weights.check_finite = timed if check else (lambda *args: None)
     import transformers  # noqa: F401 — imported before the clock in both children (the tokenizer needs it)
 
     start = time.perf_counter()

@@ -135,13 +135,15 @@ def _ours(args, device, dtype):
     return model, gen
 
 
-def _theirs(args, device, dtype):
+def _theirs(args, device, dtype, load_kwargs: dict | None = None):
+    """Load transformers' model (load_kwargs: more from_pretrained arguments, e.g. a quantization_config)."""
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(args.ckpt, dtype=dtype).to(device).eval()
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(args.ckpt, dtype=dtype,
+                                                                         **(load_kwargs or {})).to(device).eval()
 
     class Streamer:  # transformers calls put() with the prompt first, then with every new token
         def __init__(self, clock):

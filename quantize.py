@@ -1,0 +1,370 @@
+"""int8 weight-only quantization: per-output-channel scales, quantized at load time or loaded from a saved int8
+checkpoint, run by PyTorch's own int8 CPU kernel.
+
+What is quantized: every `ops.Linear` (vision tower, projector, decoder) and the text token embedding, which is
+also the tied LM head (`Int8Embedding.attend`). The embedding is the largest single matrix (257216 x 2048, a fifth
+of the bytes a decoded token reads), and its per-row scale is at once the LM head's per-output-channel scale and
+the lookup's per-token scale, so one int8 copy serves both. Norms, biases, the patch convolution and the vision
+position embedding stay in the model's float dtype (under 0.1 % of the parameters).
+
+Scheme: for each output row w, scale = max|w| / 127 (float32; 1 for an all-zero row) and q = round(w / scale)
+clamped to [-127, 127] (symmetric, no zero point). Kernels (`int8_linear`, measured in benchmarks/README.md):
+a few rows of activations (decode) go to `torch._weight_int8pack_mm` with bf16 activations, which reads the int8
+weights directly (its float32-activation variant is several times slower on every CPU measured); many rows
+(prefill, vision tower) dequantize the weight into a reused buffer in the activations' dtype and run the dense
+float matmul (`ops.linear`: oneDNN float32 on x86, or bf16 with AMX / AVX512-BF16), where the int8 kernel is no
+faster. Elsewhere than CPU the dequantize path runs.
+
+Saved layout (docs/quantized_checkpoint.md): one `model.safetensors` whose header metadata holds
+`paligemma_quantization` = FORMAT (JSON), with `<name>.weight` int8 (out, in) and `<name>.weight_scale` float32
+(out,) for each quantized module, every other tensor under its float name; config.json and the tokenizer files
+beside it. Loading validates every key, dtype, shape and scale (finite, > 0).
+
+Checked against: the reference float model (tests/test_quantize.py bounds the logits' error and the top-1
+agreement on the tiny checkpoints) and ATen's `_weight_int8pack_mm` contract (mat2 (N, K) int8, scales (N,)).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import ops
+import utils
+import weights
+from utils import CheckpointError
+
+METHODS = ("int8",)  # what load_hf_model(quantize=...) and --quantize accept
+METADATA_KEY = "paligemma_quantization"  # safetensors header metadata key of a saved int8 checkpoint
+FORMAT = {"method": "int8_weight_only", "granularity": "per_output_channel", "scale_dtype": "float32",
+          "version": 1}
+SCALE_SUFFIX = "_scale"  # <name>.weight -> <name>.weight_scale
+# Activation rows up to which the int8 kernel runs (decode, small batches); above it dequantize + dense matmul.
+INT8_KERNEL_MAX_ROWS = 16
+EMBED_NAME = "language_model.model.embed_tokens"
+
+
+def check_method(quantize: str | None) -> str | None:
+    """None (load as stored) or a name in METHODS; anything else is a ValueError naming the choices."""
+    if quantize is not None and quantize not in METHODS:
+        raise ValueError(f"--quantize must be {' or '.join(METHODS)} (or left out), got {quantize!r}")
+    return quantize
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels and modules
+# ---------------------------------------------------------------------------------------------------------------
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row."""
+    w = w.float()
+    amax = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w| per row in one pass, no |w| temporary
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row: any scale is exact
+    q = torch.div(w, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 (N, K) x scale (N,) -> (N, K) in dtype, in ops' reused scratch buffer (valid until its next use)."""
+    out = ops.scratch(q.shape, dtype, q.device)
+    # Convert (exact: |q| <= 127), then scale in place in out's own dtype: several times faster than
+    # torch.mul(q, scale, out=out), whose mixed-dtype loop is not vectorised (benchmarks/README.md).
+    return out.copy_(q).mul_(scale[:, None].to(dtype))
+
+
+@functools.cache
+def int8_kernel_works() -> bool:
+    """Whether `torch._weight_int8pack_mm` exists here and gives the right product for K a multiple of 16 (found
+    once by a tiny product against float arithmetic: on an AVX2 CPU it crashes for K = 7 and is wrong for
+    K = 12, so shapes it may not handle never reach it)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, 48, generator=g).to(torch.bfloat16)
+        q = torch.randint(-127, 128, (32, 48), generator=g, dtype=torch.int8)
+        s = torch.rand(32, generator=g) + 0.5
+        got = torch._weight_int8pack_mm(x, q, s.to(torch.bfloat16)).float()
+        want = (x.float() @ q.float().T) * s.to(torch.bfloat16).float()
+        return bool(((got - want).abs().max() <= 2e-2 * want.abs().max()).item())
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """x @ (q * scale[:, None]).T + bias, in x's dtype; picks the kernel (module docstring)."""
+    rows, K = x.numel() // x.shape[-1], x.shape[-1]
+    if (x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS and K % 16 == 0 and int8_kernel_works()
+            and not torch.compiler.is_compiling()):
+        # bf16 activations whatever x's dtype: the kernel's float32 variant is several times slower, and its
+        # scales must match the activations' dtype. The result is cast back to x's dtype.
+        y = torch._weight_int8pack_mm(x.reshape(rows, K).to(torch.bfloat16), q, scale.to(torch.bfloat16))
+        y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
+        return y if bias is None else y + bias
+    return ops.linear(x, dequantize(q, scale, x.dtype), bias)
+
+
+class Int8Linear(nn.Module):
+    """A Linear holding int8 weights (out, in) and float32 per-output-channel scales; same state-dict names as
+    `ops.Linear` plus `weight_scale`. Computes in its input's dtype, like ops.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, ops.cast_like(self.bias, x))
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding in int8 with one float32 scale per row; `attend` is the tied LM head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the embedding, dequantized to float32 (the caller casts to its compute dtype)."""
+        return self.weight[ids].float() * self.weight_scale[ids, None]
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits x @ embedding.T: the per-row scales are the LM head's per-output-channel scales."""
+        return int8_linear(x, self.weight, self.weight_scale)
+
+
+def use_int8_modules(model: nn.Module) -> None:
+    """Swap every ops.Linear for an Int8Linear and the text embedding for an Int8Embedding, in place (on a model
+    built on the meta device, before its weights are loaded)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            with torch.device("meta"):
+                if isinstance(child, ops.Linear):
+                    new = Int8Linear(child.in_features, child.out_features, child.bias is not None)
+                elif f"{name}.{child_name}" == EMBED_NAME:
+                    new = Int8Embedding(child.num_embeddings, child.embedding_dim)
+                else:
+                    continue
+            setattr(module, child_name, new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading: a float checkpoint quantized tensor by tensor, or a saved int8 checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+def _file_format(path: Path) -> dict | None:
+    """FORMAT when this safetensors file was written by save_int8_checkpoint, None for a float file; a file that
+    claims another quantization format is an error."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
+    if METADATA_KEY not in meta:
+        return None
+    try:
+        fmt = json.loads(meta[METADATA_KEY])
+    except json.JSONDecodeError:
+        fmt = None
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path.name}: quantization metadata {meta[METADATA_KEY][:200]!r} is not the format "
+                              f"this version reads ({json.dumps(FORMAT)}); re-create it with quantize.py")
+    return fmt
+
+
+def is_int8_checkpoint(model_path: str | os.PathLike) -> bool:
+    """Whether the checkpoint's weights are a saved int8 checkpoint (every weight file says so, or none does)."""
+    formats = {json.dumps(_file_format(p)) for p in weights.weight_files(model_path)}
+    if len(formats) > 1:
+        raise CheckpointError(f"{model_path} mixes int8 and float weight files; re-create the int8 checkpoint")
+    return formats != {"null"}
+
+
+def _read_exact(reader: weights._ShardReader, offset: int, nbytes: int, key: str) -> torch.Tensor:
+    """nbytes of the file from offset into reader's staging buffer (raw reads may return short)."""
+    buf = memoryview(reader.staging.numpy())
+    reader.file.seek(offset)
+    got = 0
+    while got < nbytes:
+        r = reader.file.readinto(buf[got:nbytes])
+        if not r:
+            raise CheckpointError(f"{Path(reader.file.name).name} ends inside tensor {key}; re-download it")
+        got += r
+    return reader.staging[:nbytes]
+
+
+def _quantize_stored(reader: weights._ShardReader, key: str, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored float matrix -> (int8, scale), read in row chunks of one staging buffer: the float matrix (2.1 GB
+    for the float32 embedding) never exists whole in memory."""
+    info = reader.header[key]
+    src = weights._SAFETENSORS_DTYPES[info["dtype"]]
+    n, k = shape
+    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+    row_bytes = k * src.itemsize
+    per = max(1, reader.staging.numel() // row_bytes)
+    offset = reader.data_start + info["data_offsets"][0]
+    for start in range(0, n, per):
+        m = min(per, n - start)
+        rows = _read_exact(reader, offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k)
+        weights.check_finite(rows, f"{Path(reader.file.name).name}: tensor {key}", src)  # NaN would make a NaN scale
+        q[start:start + m], scale[start:start + m] = quantize_rows(rows)
+    return q, scale
+
+
+def _check_tensor(path: Path, key: str, name: str | None, shape: torch.Size, stored: str, allowed: dict,
+                  loaded: dict) -> None:
+    """A checkpoint tensor must be one the model expects from this file, once, with its shape and a dtype of its
+    kind (int8 weights I8, scales F32, everything else a float type)."""
+    if name not in allowed:
+        raise CheckpointError(f"{path.name}: unexpected tensor {key} (not part of this config's model); check "
+                              "config.json matches the weights")
+    if name in loaded:
+        raise CheckpointError(f"{path.name}: tensor {key} appears twice")
+    want_shape, kind = allowed[name]
+    if shape != want_shape:
+        raise CheckpointError(f"{path.name}: tensor {key} has shape {tuple(shape)}, expected {tuple(want_shape)} "
+                              "from config.json; the checkpoint and its config disagree")
+    ok = {"int8": ("I8",), "scale": ("F32",), "float": tuple(weights._SAFETENSORS_DTYPES)}[kind]
+    if stored not in ok:
+        raise CheckpointError(f"{path.name}: tensor {key} has dtype {stored}, expected {' or '.join(ok)}; "
+                              "re-create the checkpoint")
+
+
+def load_int8_weights(model: nn.Module, model_path, device: torch.device, dtype: torch.dtype,
+                      on_bytes: Callable[[int], None] | None = None) -> None:
+    """Fill a model prepared by use_int8_modules (on meta): from a float checkpoint, each weight to quantize is
+    quantized as it is read; from a saved int8 checkpoint, the int8 weights and scales are taken as stored
+    (zero-copy views of the file on CPU) and every scale is checked finite and positive. Float parts go to
+    `dtype`. Same key/shape/dtype strictness as weights.load_weights; on_bytes as there."""
+    stored_int8 = is_int8_checkpoint(model_path)
+    allowed: dict[str, tuple[torch.Size, str]] = {}  # name -> (shape, kind of tensor the file must hold)
+    quantized = {name for name, t in model.state_dict().items() if t.dtype == torch.int8}
+    for name, t in model.state_dict().items():
+        if name in quantized:
+            allowed[name] = (t.shape, "int8" if stored_int8 else "float")
+        elif name.endswith(".weight" + SCALE_SUFFIX):
+            if stored_int8:  # a float checkpoint has no scales: they are computed from its weights
+                allowed[name] = (t.shape, "scale")
+        else:
+            allowed[name] = (t.shape, "float")
+    loaded: dict[str, torch.Tensor] = {}
+    for path in weights.weight_files(model_path):
+        reader: weights._ShardReader | None = None
+        done = 0
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = key if stored_int8 else weights.canonical_key(key)
+                    sl = f.get_slice(key)
+                    shape, stored = torch.Size(sl.get_shape()), sl.get_dtype()
+                    nbytes = math.prod(shape) * (1 if stored == "I8" else
+                                                 weights._SAFETENSORS_DTYPES.get(stored, torch.uint8).itemsize)
+                    if name is None:  # a tied lm_head copy in a float checkpoint: never loaded
+                        continue
+                    _check_tensor(path, key, name, shape, stored, allowed, loaded)
+                    kind = allowed[name][1]
+                    if name in quantized and not stored_int8:
+                        reader = reader or weights._ShardReader(path)
+                        q, scale = _quantize_stored(reader, key, shape)
+                        loaded[name], loaded[name + SCALE_SUFFIX] = q.to(device), scale.to(device)
+                    elif kind in ("int8", "scale"):
+                        t = f.get_tensor(key)  # on CPU a view of the file's memory map, paged in on first use
+                        if kind == "scale" and not bool(((t > 0) & torch.isfinite(t)).all()):
+                            raise CheckpointError(f"{path.name}: {key} holds scales that are not finite and "
+                                                  "positive; re-create the checkpoint")
+                        loaded[name] = t.to(device)
+                    else:
+                        reader = reader or weights._ShardReader(path)
+                        loaded[name] = reader.read(key, dtype, device)
+                        weights.check_finite(loaded[name], f"{path.name}: tensor {key}",
+                                             weights._SAFETENSORS_DTYPES[stored])
+                    done += nbytes
+                    if on_bytes is not None:
+                        on_bytes(nbytes)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
+        finally:
+            if reader is not None:
+                reader.close()
+        if on_bytes is not None:
+            on_bytes(path.stat().st_size - done)
+    missing = [k for k in allowed if k not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-create "
+                              "or re-download the checkpoint")
+    model.load_state_dict(loaded, strict=True, assign=True)  # every key and shape checked above
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+# ---------------------------------------------------------------------------------------------------------------
+
+# Files copied beside the int8 weights: what load_config and load_tokenizer read, and the processor config.
+_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "preprocessor_config.json", "generation_config.json")
+
+
+def save_int8_checkpoint(model: nn.Module, source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write an int8 model (load_hf_model(..., quantize="int8")) as a checkpoint directory that loads without the
+    float one: model.safetensors (layout in the module docstring) plus config.json and the tokenizer files copied
+    from source_dir. Written into a temporary directory beside out_dir, then renamed: never half-written. Raises
+    ValueError when the model is not int8 or out_dir exists."""
+    import shutil
+
+    out = Path(out_dir)
+    if not any(isinstance(m, Int8Embedding) for m in model.modules()):
+        raise ValueError("the model is not int8; load it with load_hf_model(..., quantize='int8') first")
+    if out.exists():
+        raise ValueError(f"{out} already exists; give a new directory (nothing is overwritten)")
+    src = Path(source_dir)
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} has no config.json; give the checkpoint directory the model was loaded from")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tensors = {name: t.contiguous() for name, t in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", METADATA_KEY: json.dumps(FORMAT)})
+        for name in _SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp made the directory private: give both the usual modes
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python quantize.py SRC OUT [--dtype bfloat16]: write SRC's int8 checkpoint into the new directory OUT."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("src", help="float checkpoint directory (hub layout) or hub id")
+    ap.add_argument("out", help="new directory for the int8 checkpoint")
+    ap.add_argument("--dtype", default=None, help="dtype of the float parts (norms, biases); default bfloat16")
+    args = ap.parse_args(argv)
+    import quantize  # this file runs as __main__: the model's modules are quantize's classes, not __main__'s
+
+    model, _ = utils.load_hf_model(args.src, "cpu", args.dtype, quantize="int8")
+    print(quantize.save_int8_checkpoint(model, utils.resolve_model_path(args.src), args.out))
+
+
+if __name__ == "__main__":
+    main()
