@@ -10,6 +10,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+# Under pytest-xdist (`-n 2`, the README's test command) the workers share the cores: each gets its share of threads,
+# set before torch is imported (here, in the worker's process) and inherited by the CLI subprocesses the tests start.
+# Two workers of two threads on two cores would each wait at every parallel operation for a descheduled thread.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -208,3 +208,22 @@ def test_lora_matches_transformers_with_peft(pg2_pair):
         lora_logits = ours(**batch)["logits"]
         merged = merge_lora(ours)(**batch)["logits"]
     assert type(merged) is torch.Tensor and rel(merged, lora_logits) < 1e-12
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(pg2_pair):
+    """--gradient_checkpointing trades memory for a second forward of each decoder layer in the backward pass; the
+    gradients must not change."""
+    model, _, batch = pg2_pair
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        m = copy.deepcopy(model).requires_grad_(True)
+        m.language_model.model.gradient_checkpointing = checkpointing
+        seen = []
+        # A pre-hook: the recomputation may stop early, once it has what the backward needs, before any post-hook.
+        m.language_model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(1))
+        training_loss(m, batch).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+        calls.append(len(seen))
+    assert calls == [1, 2]  # really recomputed in the backward pass
+    for name, g in grads[0].items():
+        assert rel(grads[1][name], g) < 1e-12, name
