@@ -57,6 +57,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self.batches_run: list[int] = []  # sizes of the batches so far (tests and /health read them)
+        self.abandoned = 0  # batches stopped early because every client of theirs went away
         self._thread = threading.Thread(target=self._loop, name="paligemma-worker", daemon=True)
         self._thread.start()
 
@@ -112,6 +113,7 @@ class Batcher:
             try:
                 results = self._run(batch)
             except _AllCancelled:
+                self.abandoned += 1
                 continue
             except Exception as e:  # noqa: BLE001 - the worker must outlive any request; the error goes to its clients
                 for job in batch:

@@ -57,7 +57,8 @@ def server(ckpt, tmp_path_factory):
     def alone(prompt, image, max_tokens=MAX_TOKENS):
         return generate(model, processor, prompt, image, max_new_tokens=max_tokens)[0]
 
-    yield {"url": f"http://127.0.0.1:{port}", "alone": alone, "app": app, "local": local}
+    yield {"url": f"http://127.0.0.1:{port}", "alone": alone, "model_processor": (model, processor), "app": app,
+           "local": local}
     srv.should_exit = True
     thread.join(timeout=10)
 
@@ -125,6 +126,33 @@ def test_concurrent_clients_get_their_alone_answers(server, client):
     for (prompt, image, n), reply in zip(jobs, replies, strict=True):
         assert reply.choices[0].message.content == server["alone"](prompt, image, n)
     assert max(server["app"].state.batcher.batches_run[before:]) > 1  # some requests were batched together
+
+
+def test_sampled_request_equals_generate_with_its_seed(server, client):
+    image = random_image(4)
+    reply = _ask(client, "caption en", image, temperature=0.8, top_p=0.9, seed=123)
+    alone = generate(*server["model_processor"], "caption en", image, max_new_tokens=MAX_TOKENS, do_sample=True,
+                     temperature=0.8, top_p=0.9, seed=123)[0]
+    assert reply.choices[0].message.content == alone
+
+
+def test_disconnected_stream_stops_its_batch(server):
+    """A client that goes away mid-stream frees the worker: its (long) generation stops early."""
+    batcher = server["app"].state.batcher
+    before = batcher.abandoned
+    conn = http.client.HTTPConnection(server["url"].removeprefix("http://"), timeout=60)
+    body = json.loads(_body())
+    body.update(stream=True, max_tokens=4000)  # ~30 s of decoding if nothing stopped it
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    conn.close()
+    deadline = time.monotonic() + 20
+    while batcher.abandoned == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batcher.abandoned == before + 1
+    assert _raw(server, _body())[0] == 200
 
 
 def _raw(server, body: bytes | None, key: str | None = KEY, path="/v1/chat/completions") -> tuple[int, dict]:
