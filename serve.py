@@ -34,8 +34,6 @@ from processing_paligemma import ProcessorError, check_prompt, parse_detections
 from serve_batching import Batcher, Job, Result
 from utils import DTYPES, load_hf_model
 
-_SEEN_NOTES: list[str] = []  # read_segments' notes (no VAE given); not sent to clients
-
 
 class ApiError(Exception):
     """An error answered in the OpenAI shape {"error": {"message", "type", "param", "code"}}."""
@@ -140,7 +138,7 @@ def _message(result: Result, image, vae) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if "<loc" in result.text:
         boxes, problems = parse_detections(result.text, *image.size)
-        segments, seg_problems = read_segments(result.text, image, vae, _SEEN_NOTES.append)
+        segments, seg_problems = read_segments(result.text, image, vae, lambda note: None)  # its note names a CLI flag
         message["detections"] = [b.to_json() for b in boxes]
         message["problems"] = problems if segments is None else seg_problems
         if segments is not None:
@@ -152,7 +150,8 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
                max_queue: int = 64, max_body_mb: float = 20.0, allow_local_images: str | None = None,
                model_name: str = "paligemma") -> FastAPI:
     """The FastAPI app around a loaded model; its worker thread starts now and stops at app shutdown."""
-    batcher = Batcher(model, make_processor(model, tokenizer), max_batch_size, max_queue)
+    processor = make_processor(model, tokenizer)
+    batcher = Batcher(model, processor, max_batch_size, max_queue)
     local_root = Path(allow_local_images).resolve() if allow_local_images else None
     max_body = int(max_body_mb * 1024 * 1024)
     app = FastAPI(title="PaliGemma", on_shutdown=[batcher.close])
@@ -213,6 +212,10 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
             raise _bad("only n = 1 is supported", "n")
         sampling = parse_sampling(body)
         prompt, url = parse_messages(body)
+        length = len(processor.prompt_ids(prompt))
+        if length + sampling.max_new_tokens > batcher.max_positions:
+            raise _bad(f"the prompt ({length} tokens with the image's) + max_tokens {sampling.max_new_tokens} exceed "
+                       f"the model's {batcher.max_positions} positions; lower max_tokens", "max_tokens")
         image = await asyncio.to_thread(read_image, url, local_root)
         loop = asyncio.get_running_loop()
         finished: asyncio.Future = loop.create_future()
@@ -224,7 +227,7 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
         def on_piece(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        job = Job(prompt, image, sampling, done, on_piece if stream else None)
+        job = Job(prompt, image, sampling, done, on_piece if stream else None, length)
         if not batcher.submit(job):
             raise ApiError(429, f"the server's queue is full ({max_queue} requests wait); retry later",
                            kind="rate_limit_error")

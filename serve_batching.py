@@ -39,6 +39,7 @@ class Job:
     sampling: SamplingConfig
     done: Callable[[Result | BaseException], None]
     on_piece: Callable[[str], None] | None = None
+    prompt_length: int = 0  # the prompt's tokens, image tokens included (the batch must fit the positions)
     cancelled: bool = field(default=False)  # set by the server when the client went away
 
 
@@ -53,6 +54,7 @@ class Batcher:
         self.model, self.processor = model, processor
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.eos = list(model.config.eos_token_id)
+        self.max_positions = model.config.text_config.max_position_embeddings
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -100,12 +102,18 @@ class Batcher:
                 job = self._queue.popleft()
                 if job.cancelled:
                     continue
-                if len(batch) < self.max_batch_size and not job.sampling.do_sample:
+                if len(batch) < self.max_batch_size and not job.sampling.do_sample and self._fits(batch + [job]):
                     batch.append(job)
                 else:
                     keep.append(job)
             self._queue = keep
             return batch
+
+    def _fits(self, batch: list[Job]) -> bool:
+        """Whether the left-padded batch (longest prompt + largest max_tokens) fits the model's positions, so
+        that a job that fits alone cannot make a batch-mate fail."""
+        longest = max(job.prompt_length for job in batch)
+        return longest + max(job.sampling.max_new_tokens for job in batch) <= self.max_positions
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:

@@ -191,11 +191,12 @@ def _body(prompt="caption en", url=None, **extra) -> bytes:
     (_body(top_p=0), KEY, 400, "top_p"),
     (_body(max_tokens=0), KEY, 400, "max_tokens"),
     (_body(seed=-3), KEY, 400, "seed"),
+    (_body(max_tokens=10**6), KEY, 400, "max_tokens"),
     (_body(), None, 401, None),
     (_body(), "wrong", 401, None),
     (_body(url="data:image/png;base64," + "A" * 600_000), KEY, 413, None),
 ], ids=["json", "base64", "image", "no-image-part", "remote-url", "temperature", "top_p", "max_tokens", "seed",
-        "no-key", "wrong-key", "too-big"])
+        "positions", "no-key", "wrong-key", "too-big"])
 def test_errors_in_openai_shape_and_server_survives(server, body, key, status, param):
     code, reply = _raw(server, body, key)
     assert code == status, reply
