@@ -227,3 +227,25 @@ def test_detection_answer_carries_the_clis_boxes():
     assert message["content"] == text
     assert message["detections"] == [{"label": "cat", "box": [0.0, 0.0, 64.0, 48.0], "loc": [0, 0, 1023, 1023]}]
     assert len(message["problems"]) == 1 and "segments" not in message
+
+
+def test_segmentation_answer_carries_masks(tmp_path):
+    """With the mask VAE, `segments` holds each mask as COCO RLE: decoded, it is big_vision's pasted mask."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+    from test_segmentation import GOLDEN, unpack, vae_arrays
+
+    from segmentation import load_vae
+    from serve import _message
+    from serve_batching import Result
+
+    with np.load(GOLDEN) as g:
+        golden = dict(g)
+    np.savez(tmp_path / "vae-oid.npz", **vae_arrays(golden))
+    text, (w, h) = str(golden["paste_texts"][0]), (int(v) for v in golden["paste_sizes"][0])
+    message = _message(Result(text, 1, 1, "stop"), Image.new("RGB", (w, h)), load_vae(tmp_path / "vae-oid.npz"))
+    (segment,) = message["segments"]
+    rle = {"size": segment["mask"]["size"], "counts": segment["mask"]["counts"].encode()}
+    assert np.array_equal(coco_mask.decode(rle).astype(bool), unpack(golden["paste_mask_0"], h, w))
+    assert message["problems"] == [] and len(message["detections"]) == 1
