@@ -296,6 +296,8 @@ async def _sse(job: Job, finished: asyncio.Future, pieces: asyncio.Queue, head: 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python serve.py ...`: parse the flags, load the model once (a bad checkpoint: one "error:" line, exit 2),
+    and serve until stopped."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_path", required=True, help="checkpoint directory (hub layout) or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
