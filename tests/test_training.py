@@ -220,7 +220,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(pg2_pair
         m.language_model.model.gradient_checkpointing = checkpointing
         seen = []
         # A pre-hook: the recomputation may stop early, once it has what the backward needs, before any post-hook.
-        m.language_model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(1))
+        m.language_model.model.layers[0].register_forward_pre_hook(lambda *_, seen=seen: seen.append(1))
         training_loss(m, batch).backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
         calls.append(len(seen))
