@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/ is on sys.path when a script in it runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -108,14 +109,6 @@ def worker(impl: str, preset: str, ckpt: str, steps: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -142,7 +135,7 @@ def main() -> None:
             result[impl] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append((preset, result))
     ours0 = rows[0][1]["ours"]
-    print(f"CPU: {_cpu_model()}, {ours0['threads']} threads; torch {torch.__version__}; "
+    print(f"CPU: {cpu_model()}, {ours0['threads']} threads; torch {torch.__version__}; "
           f"{'bf16 autocast' if ours0['bf16'] else 'float32 (no native bf16 on this CPU)'}; batch 1; "
           f"median of {args.steps} steps after a warm-up\n")
     print("| preset | trainable params | step s, ours | step s, transformers | ours / transformers | peak RSS GB, ours "

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_model  # benchmarks/ is on sys.path when a script in it runs
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT = "FINITE_CHECK_RESULT "
@@ -58,14 +59,6 @@ def child(ckpt: str, dtype: str, check: bool) -> None:
     print(RESULT + json.dumps({"load_s": load_s, "total_s": total_s, "check_s": spent[0]}), flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_child(ckpt: str, dtype: str, check: bool) -> dict:

@@ -13,7 +13,6 @@ load average (on a shared machine, fewer threads than cores can be much faster: 
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,20 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model  # benchmarks/ is on sys.path when a script in it runs
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from data.make_segmentation_golden import float_weights, random_weights, stub_modules  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_ms(fn, repeat: int) -> float:
