@@ -81,6 +81,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
 )
 from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb
 from quantize import check_method
+from run_stats import RunStats
 from segmentation import HUB_VAE, Segment, draw_segments, load_vae, read_segments, resolve_vae_path
 from utils import load_hf_model, resolve_device_dtype
 
@@ -169,7 +170,7 @@ class _Run:
     prompt: str
     sampling: SamplingConfig
     compile: bool
-    stats: _Stats | None
+    stats: RunStats | None
     vae: Any = None  # segmentation.MaskVAE, on the model's device, or None
 
 
@@ -230,7 +231,7 @@ def main(*args: Any, **flags: Any) -> None:
                                          quantize=options.quantize)
         stage = "generating"  # before the "loaded" line: what follows it is generation
         log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
-        stats = _Stats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None
+        stats = RunStats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None
         processor = make_processor(model, tokenizer)
         sampling = SamplingConfig(max_new_tokens=options.max_tokens_to_generate, do_sample=options.do_sample,
                                   temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
@@ -349,48 +350,6 @@ def _record(path: str, text: str, boxes: list[Detection], problems: list[str],
     if segments is not None:  # a segmentation answer decoded with --vae_path: masks as COCO RLE
         record["segments"] = [s.to_json() for s in segments]
     return record
-
-
-class _Stats:
-    """--verbose: load time, time to first token, and decoding speed (tokens after each row's first, up to EOS)."""
-
-    def __init__(self, load_s: float, eos_token_ids: Sequence[int]):
-        self.load_s, self.eos = load_s, set(eos_token_ids)
-        self.started = time.perf_counter()
-        self.first_token_s: float | None = None
-        self.tokens = self.images = self.batches = 0
-        self.decode_s = 0.0
-
-    def begin(self, rows: int) -> None:
-        self.call_start, self.first_at, self.open_rows = time.perf_counter(), None, [True] * rows
-
-    def on_token(self, token: torch.Tensor) -> None:
-        step = token.tolist()  # waits for the device, so the times below are when tokens exist
-        if self.first_at is None:
-            self.first_at = time.perf_counter()
-            if self.first_token_s is None:
-                self.first_token_s = self.first_at - self.call_start
-        else:
-            self.tokens += sum(self.open_rows)
-        self.open_rows = [open_ and t not in self.eos for open_, t in zip(self.open_rows, step, strict=True)]
-
-    def end(self) -> None:
-        if self.first_at is not None:
-            self.decode_s += time.perf_counter() - self.first_at
-        self.images += len(self.open_rows)
-        self.batches += 1
-
-    def report(self, many: bool) -> None:
-        log(f"note: load {self.load_s:.2f} s")
-        if self.first_token_s is not None:
-            log(f"note: first token {self.first_token_s:.3f} s (vision tower + prompt prefill"
-                f"{' of the first batch' if many else ''})")
-        rate = self.tokens / self.decode_s if self.decode_s > 0 else 0.0
-        log(f"note: {self.tokens} more tokens in {self.decode_s:.2f} s: {rate:.1f} tokens/s")
-        if many:
-            total = time.perf_counter() - self.started
-            log(f"note: {self.images} images in {self.batches} batch{'es' * (self.batches != 1)}, {total:.2f} s: "
-                f"{self.images / total:.2f} images/s")
 
 
 def _show(shown: list[str]) -> Callable[[str], None]:
