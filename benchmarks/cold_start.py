@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import child_result  # benchmarks/ is on sys.path when a script in it runs
+
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 RESULT_PREFIX = "COLD_RESULT "
@@ -127,12 +129,9 @@ def measure(args, impl: str, dtype: str) -> dict | None:
     spawned = time.time()
     proc = subprocess.run(cmd + ["--spawned", repr(spawned)], stdout=subprocess.PIPE, text=True, env=env,
                           timeout=args.child_timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:])
-        print(f"{label} FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+    r = child_result(proc, label, RESULT_PREFIX)
+    if r is None:
         return None
-    r = json.loads(lines[-1][len(RESULT_PREFIX):])
     r["loadavg"] = os.getloadavg()[0]
     print(f"{label} total {r['total_s']:.1f}s = start {r['start_s']:.1f} + load {r['load_s']:.1f} + TTFT "
           f"{r['ttft_s']:.2f} + decode {args.new_tokens - 1} x 1/{r['decode_tok_s']:.2f}; peak RSS "

@@ -51,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import child_result  # benchmarks/ is on sys.path when a script in it runs
+
 REPO = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "SPEED_RESULT "
 GB = 1e9
@@ -343,6 +345,7 @@ ABLATIONS = {
 }
 
 
+
 def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | None = None) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--dtype", dtype,
            "--ckpt", args.ckpt, "--device", args.device, "--new-tokens", str(args.new_tokens),
@@ -353,12 +356,9 @@ def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | N
     print(f"{label} running ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(REPO), timeout=args.child_timeout)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-3000:])
-        print(f"{label} FAILED (exit {proc.returncode})", file=sys.stderr, flush=True)
+    r = child_result(proc, label, RESULT_PREFIX)
+    if r is None:
         return None
-    r = json.loads(lines[-1][len(RESULT_PREFIX):])
     print(f"{label} load {r['load_s']:.1f}s, TTFT {r['ttft_s']:.3f}s, decode {r['decode_tok_s']:.2f} tok/s, "
           f"peak RSS {r['peak_rss'] / GB:.2f} GB (weights {r['weight_bytes'] / GB:.2f} GB), "
           f"process {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
