@@ -51,6 +51,11 @@ FORMAT = {"method": "int8_weight_only", "granularity": "per_output_channel", "sc
 SCALE_SUFFIX = "_scale"  # <name>.weight -> <name>.weight_scale
 # Activation rows up to which the int8 kernel runs (decode, small batches); above it dequantize + dense matmul.
 INT8_KERNEL_MAX_ROWS = 16
+# The many-row path dequantizes this many bytes of weight rows at a time (output-feature blocks), so the float
+# copy never exists whole: 134 MB in float32 for a 16384 x 2048 projection, 2.1 GB for the LM head — which would
+# put the peak RSS of an int8 model well above its weight bytes. As fast as whole-matrix dequantization
+# (benchmarks/README.md); each output column is the same dot product (up to the GEMM's summation order).
+DEQUANT_BLOCK_BYTES = 16 << 20
 EMBED_NAME = "language_model.model.embed_tokens"
 
 
@@ -65,13 +70,18 @@ def check_method(quantize: str | None) -> str | None:
 # kernels and modules
 # ---------------------------------------------------------------------------------------------------------------
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row."""
+def quantize_rows(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row.
+
+    out: an int8 (rows, K) tensor to write the result into. Then a float32 `w` is overwritten (used as the
+    scratch for w / scale): loading quantizes ~12 GB of float32 chunk by chunk, and a fresh float32 temporary
+    plus an int8 one per chunk cost page faults and left the heap fragmented (peak RSS)."""
     w = w.float()
     amax = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w| per row in one pass, no |w| temporary
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row: any scale is exact
-    q = torch.div(w, scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    scaled = torch.div(w, scale[:, None]) if out is None else w.div_(scale[:, None])
+    scaled.round_().clamp_(-127, 127)
+    return (scaled.to(torch.int8) if out is None else out.copy_(scaled)), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -110,7 +120,18 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
         y = torch._weight_int8pack_mm(x.reshape(rows, K).to(torch.bfloat16), q, scale.to(torch.bfloat16))
         y = y.view(*x.shape[:-1], q.shape[0]).to(x.dtype)
         return y if bias is None else y + bias
-    return ops.linear(x, dequantize(q, scale, x.dtype), bias)
+    return _dequantized_linear(x, q, scale, bias)
+
+
+def _dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                        ) -> torch.Tensor:
+    """int8_linear's many-row path: dense matmuls over blocks of DEQUANT_BLOCK_BYTES of dequantized weight rows."""
+    n, k = q.shape
+    per = max(1, DEQUANT_BLOCK_BYTES // (k * x.element_size()))  # output features per block
+    if per >= n:
+        return ops.linear(x, dequantize(q, scale, x.dtype), bias)
+    return torch.cat([ops.linear(x, dequantize(q[i:i + per], scale[i:i + per], x.dtype),
+                                 None if bias is None else bias[i:i + per]) for i in range(0, n, per)], dim=-1)
 
 
 class Int8Linear(nn.Module):
@@ -219,7 +240,8 @@ def _quantize_stored(reader: weights._ShardReader, key: str, shape: torch.Size) 
         m = min(per, n - start)
         rows = _read_exact(reader, offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k)
         weights.check_finite(rows, f"{Path(reader.file.name).name}: tensor {key}", src)  # NaN would make a NaN scale
-        q[start:start + m], scale[start:start + m] = quantize_rows(rows)
+        # Into q's rows directly; the float rows are the staging buffer's, free to overwrite.
+        scale[start:start + m] = quantize_rows(rows, out=q[start:start + m])[1]
     return q, scale
 
 

@@ -12,6 +12,7 @@ from reference import rel_err
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import ops
 import quantize
 from inference import generate, make_processor
 from utils import CheckpointError, load_hf_model
@@ -49,6 +50,22 @@ def test_int8_linear_is_the_dequantized_product(rows):
     assert got.shape == want.shape and got.dtype == x.dtype
     # The int8 kernel takes bf16 activations (rounding ~4e-3); the dequantize path is float32 arithmetic.
     assert rel_err(got, want) < (1e-2 if 2 * rows <= quantize.INT8_KERNEL_MAX_ROWS else 1e-5)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 48])  # blocks of one row, blocks with a short last one, one block
+def test_many_row_path_in_blocks_is_the_whole_matrix_product(monkeypatch, block_rows):
+    g = torch.Generator().manual_seed(block_rows)
+    q, scale = quantize.quantize_rows(torch.randn(48, 64, generator=g))
+    x, bias = torch.randn(3, 40, 64, generator=g), torch.randn(48, generator=g)
+    whole = ops.linear(x, quantize.dequantize(q, scale, x.dtype), bias).clone()
+    calls = []
+    real = quantize.dequantize
+    monkeypatch.setattr(quantize, "dequantize", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(quantize, "DEQUANT_BLOCK_BYTES", block_rows * 64 * x.element_size())
+    got = quantize.int8_linear(x, q, scale, bias)
+    assert calls == [min(block_rows, 48 - i) for i in range(0, 48, block_rows)]  # never more rows than a block
+    # The GEMM may sum in another order for a narrow block (1 output feature): float32 rounding, no more.
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["pg1-legacy-mqa-224", "pg2-new-bf16-112"])
