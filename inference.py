@@ -79,6 +79,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     prefill,
     sample_next_token,
 )
+from ops import PACK_MIN_ANSWERS
 from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb
 from quantize import check_method
 from run_stats import RunStats
@@ -227,8 +228,9 @@ def main(*args: Any, **flags: Any) -> None:
                 return _exit_if_failed(job.finish(), len(paths), options.output)
         stage = "loading the model"
         started = time.perf_counter()
-        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=None,  # packs where it pays
-                                         quantize=options.quantize)
+        # Packing bf16 weights pays only over many answers (ops.PACK_MIN_ANSWERS), and then where the CPU can.
+        pack = None if len(paths) >= PACK_MIN_ANSWERS else False
+        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=pack, quantize=options.quantize)
         stage = "generating"  # before the "loaded" line: what follows it is generation
         log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
         stats = RunStats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None

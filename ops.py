@@ -142,6 +142,13 @@ def can_pack_bf16() -> bool:
         return False
 
 
+# Packing costs ~5-7 s of load for PaliGemma-3B and saves ~0.02-0.07 s per decoded token at batch 1 (+12 %
+# decode on a Sapphire Rapids, +50 % on a Zen 5; benchmarks/README.md): it pays back after ~100-250 tokens, so
+# not for one caption (~20 tokens) but for a run of many answers. The CLI asks for packing (pack=None) from this
+# many images on; a one-image run loads dense weights.
+PACK_MIN_ANSWERS = 16
+
+
 def packing_pays(device: torch.device, dtype: torch.dtype) -> bool:
     """load_hf_model(pack=None): pack where it pays, i.e. bf16 weights on a CPU with bf16 arithmetic, oneDNN on."""
     return (onednn_enabled() and device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_bf16_arithmetic()

@@ -202,9 +202,10 @@ def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | No
     model_path: a directory in the hub layout, or a hub id such as "google/paligemma-3b-mix-224" (see
     resolve_model_path; a local directory of that name wins). device: "cpu", "cuda", "mps", or None for the best
     available. dtype: default float32 on CPU, bfloat16 on CUDA/MPS. progress: a loading bar on stderr. pack:
-    repack bf16 CPU weights for oneDNN (ops.pack_linear_weights: faster decode, same results, inference
-    only, the weights become opaque; the CLI passes None); None = where it pays (ops.packing_pays: bf16 onto a
-    CPU with bf16 arithmetic, oneDNN switched on). Default False: notebooks get ordinary dense weights.
+    repack bf16 CPU weights for oneDNN (ops.pack_linear_weights: faster decode, same results, inference only, the
+    weights become opaque; ~5-7 s of load, so the CLI passes None only for runs of ops.PACK_MIN_ANSWERS images or
+    more); None = where the CPU can (ops.packing_pays: bf16 onto a CPU with bf16 arithmetic, oneDNN switched on).
+    Default False: notebooks get ordinary dense weights.
     quantize: "int8" = int8 weight-only (quantize.py; from a float checkpoint at load time); None = as stored (a
     checkpoint written by quantize.save_int8_checkpoint loads as int8).
     Raises CheckpointError (a ValueError) naming the file and key for anything that does not fit.

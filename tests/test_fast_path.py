@@ -185,3 +185,23 @@ def test_compile_compiles_the_prefill_on_cuda_only():
     assert generation.prefill_fn(on("cuda"), False) is generation.prefill
     compiled = generation.prefill_fn(on("cuda"), True)
     assert compiled is not generation.prefill and compiled is generation.prefill_fn(on("cuda"), True)
+
+
+@pytest.mark.parametrize("images", [1, ops.PACK_MIN_ANSWERS])
+def test_cli_packs_only_for_runs_of_many_answers(ckpt, tmp_path, capsys, monkeypatch, images):
+    """Packing costs seconds of load that one caption never earns back (ops.PACK_MIN_ANSWERS): a one-image run
+    loads dense weights (pack=False); a folder of PACK_MIN_ANSWERS images lets load_hf_model pack where the CPU
+    can (pack=None)."""
+    import inference
+    from conftest import cli_in_process
+
+    for i in range(images):
+        random_image(i, (32, 32)).save(tmp_path / f"{i:02d}.png")
+    asked = []
+    real = inference.load_hf_model
+    monkeypatch.setattr(inference, "load_hf_model", lambda *a, **k: asked.append(k["pack"]) or real(*a, **k))
+    target = tmp_path / "00.png" if images == 1 else tmp_path
+    code, _, err = cli_in_process(capsys, "--model_path", ckpt, "--prompt", "caption en", "--image_file_path",
+                                  target, "--max_tokens_to_generate", "1")
+    assert code in (0, None), err
+    assert asked == [False if images == 1 else None]
