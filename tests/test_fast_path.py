@@ -192,8 +192,9 @@ def test_cli_packs_only_for_runs_of_many_answers(ckpt, tmp_path, capsys, monkeyp
     """Packing costs seconds of load that one caption never earns back (ops.PACK_MIN_ANSWERS): a one-image run
     loads dense weights (pack=False); a folder of PACK_MIN_ANSWERS images lets load_hf_model pack where the CPU
     can (pack=None)."""
-    import inference
     from conftest import cli_in_process
+
+    import inference
 
     for i in range(images):
         random_image(i, (32, 32)).save(tmp_path / f"{i:02d}.png")
