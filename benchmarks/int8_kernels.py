@@ -6,7 +6,8 @@ One PaliGemma-3B MLP projection (2048 -> 16384), at the decode shape (1 activati
 rows), cycling through --matrices different weights so they come from DRAM, not the cache (a single 16384 x 2048
 matrix fits many L3s). Candidates: the float baselines (bf16 F.linear, float32 through oneDNN as ops.linear runs
 it), `torch._weight_int8pack_mm` with bf16 and with float32 activations, and dequantize-then-dense-matmul
-(quantize.int8_linear's many-row path, into its reused buffer) in float32 and bf16. Prints ms per matmul and the
+(quantize.int8_linear's many-row path, into its reused buffer) in float32 and bf16, and PyTorch's dynamic int8
+kernel (fbgemm, which quantizes the activations too; with its prepack time). Prints ms per matmul and the
 weight bytes read per second; the CPU model and flags on top. Slow combinations on CPUs without the matching
 units (several seconds per call) are skipped with --quick.
 """
@@ -43,6 +44,23 @@ def _ms(fn, mats, rounds: int = 2) -> float:
     return best * 1e3
 
 
+def _fbgemm_packed(q: list) -> dict | None:
+    """PyTorch's dynamic-quantization kernel (fbgemm): it also rounds the activations to 8 bits per call, which
+    weight-only int8 does not, and its weights must be prepacked. Measured for the record, with the prepack time
+    (a load-time cost per matrix); None where the fbgemm engine is missing."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "fbgemm"
+    t0 = time.perf_counter()
+    packed = {}
+    for m in q:
+        w = torch.quantize_per_channel(m[0].float() * m[1][:, None], m[1].double(), torch.zeros(N, dtype=torch.long),
+                                       0, torch.qint8)
+        packed[id(m)] = torch.ops.quantized.linear_prepack(w, None)
+    print(f"fbgemm prepack: {(time.perf_counter() - t0) / len(q) * 1e3:.0f} ms per {N} x {K} matrix\n")
+    return packed
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--matrices", type=int, default=4)
@@ -55,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.getloadavg()[0]:.2f}\n")
     print("| kernel | weights | rows | ms per matmul | weight GB/s |\n|---|---|---|---|---|")
     q = [quantize.quantize_rows(torch.randn(N, K)) for _ in range(args.matrices)]
+    packed = _fbgemm_packed(q)
     for rows in (1, 260):
         xb, xf = torch.randn(rows, K).to(torch.bfloat16), torch.randn(rows, K)
         cases = [
@@ -69,6 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             ("quantize.int8_linear (the choice)", lambda m, x=xb if rows == 1 else xf: quantize.int8_linear(x, *m),
              True),
         ]
+        if packed is not None:
+            cases.append(("fbgemm dynamic int8 (int8 activations too; not used)",
+                          lambda m, x=xf: torch.ops.quantized.linear_dynamic(x, packed[id(m)], True), True))
         for name, fn, run in cases:
             if run:
                 ms = _ms(fn, q)
