@@ -25,7 +25,7 @@ from torch import nn
 from configuration_paligemma import NAMED_CONFIGS, GemmaConfig, PaliGemmaConfig  # noqa: F401 — re-exported
 from kv_cache import KVCache  # noqa: F401 — re-exported: the model makes and reads it
 from modeling_siglip import SiglipVisionModel
-from ops import Linear, gelu_tanh, linear
+from ops import Embedding, Linear, gelu_tanh, linear
 from training import causal_lm_loss
 
 
@@ -181,7 +181,7 @@ class GemmaModel(nn.Module):
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         # Training: recompute each layer's activations in the backward pass instead of keeping them.

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops import Conv2d, LayerNorm, Linear, cast_like, gelu_tanh
+from ops import Conv2d, Embedding, LayerNorm, Linear, cast_like, gelu_tanh
 
 
 @dataclass
@@ -54,7 +54,7 @@ class SiglipVisionEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         # Learned absolute positions, one per patch (sized by image_size, so 224/448/896 differ here).
-        self.position_embedding = nn.Embedding(config.num_image_tokens, config.hidden_size)
+        self.position_embedding = Embedding(config.num_image_tokens, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values)  # (B, D, S/p, S/p)

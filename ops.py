@@ -112,6 +112,17 @@ class Linear(nn.Linear):
         return linear(x, cast_like(self.weight, x), cast_like(self.bias, x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that draws no initial weights on the meta device; same parameters and state_dict keys."""
+
+    def reset_parameters(self) -> None:
+        # load_hf_model builds the model on "meta" and then assigns the checkpoint's tensors, so a meta draw is
+        # wasted; worse, meta normal_ is one of torch's Python decompositions, whose first use imports ~800 modules
+        # (torch._dynamo, sympy, ...): seconds of every cold start and ~80 MB of peak RSS (benchmarks/README.md).
+        if self.weight.device.type != "meta":
+            super().reset_parameters()
+
+
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm computing in the input's dtype."""
 
