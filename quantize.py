@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -213,121 +212,82 @@ def is_int8_checkpoint(model_path: str | os.PathLike) -> bool:
     return formats != {"null"}
 
 
-def _read_exact(reader: weights._ShardReader, offset: int, nbytes: int, key: str) -> torch.Tensor:
-    """nbytes of the file from offset into reader's staging buffer (raw reads may return short)."""
-    buf = memoryview(reader.staging.numpy())
-    reader.file.seek(offset)
-    got = 0
-    while got < nbytes:
-        r = reader.file.readinto(buf[got:nbytes])
-        if not r:
-            raise CheckpointError(f"{Path(reader.file.name).name} ends inside tensor {key}; re-download it")
-        got += r
-    return reader.staging[:nbytes]
-
-
-def _quantize_stored(reader: weights._ShardReader, key: str, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_stored(reader: weights.ShardReader, key: str, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """A stored float matrix -> (int8, scale), read in row chunks of one staging buffer: the float matrix (2.1 GB
     for the float32 embedding) never exists whole in memory."""
-    info = reader.header[key]
-    src = weights._SAFETENSORS_DTYPES[info["dtype"]]
+    src = weights.FLOAT_DTYPES[reader.header[key]["dtype"]]
     n, k = shape
     q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
     row_bytes = k * src.itemsize
     per = max(1, reader.staging.numel() // row_bytes)
-    offset = reader.data_start + info["data_offsets"][0]
+    offset = reader.offset(key)
     for start in range(0, n, per):
         m = min(per, n - start)
-        rows = _read_exact(reader, offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k)
-        weights.check_finite(rows, f"{Path(reader.file.name).name}: tensor {key}", src)  # NaN would make a NaN scale
+        rows = reader.read_bytes(offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k)
+        weights.check_finite(rows, f"{reader.name}: tensor {key}", src)  # NaN would make a NaN scale
         # Into q's rows directly; the float rows are the staging buffer's, free to overwrite.
         scale[start:start + m] = quantize_rows(rows, out=q[start:start + m])[1]
     return q, scale
 
 
-def _check_tensor(path: Path, key: str, name: str | None, shape: torch.Size, stored: str, allowed: dict,
-                  loaded: dict) -> None:
-    """A checkpoint tensor must be one the model expects from this file, once, with its shape and a dtype of its
-    kind (int8 weights I8, scales F32, everything else a float type)."""
-    if name not in allowed:
-        raise CheckpointError(f"{path.name}: unexpected tensor {key} (not part of this config's model); check "
-                              "config.json matches the weights")
-    if name in loaded:
-        raise CheckpointError(f"{path.name}: tensor {key} appears twice")
-    want_shape, kind = allowed[name]
-    if shape != want_shape:
-        raise CheckpointError(f"{path.name}: tensor {key} has shape {tuple(shape)}, expected {tuple(want_shape)} "
-                              "from config.json; the checkpoint and its config disagree")
-    ok = {"int8": ("I8",), "scale": ("F32",), "float": tuple(weights._SAFETENSORS_DTYPES)}[kind]
-    if stored not in ok:
-        raise CheckpointError(f"{path.name}: tensor {key} has dtype {stored}, expected {' or '.join(ok)}; "
-                              "re-create the checkpoint")
+# Stored dtypes each kind of tensor may have: int8 weights I8, their scales F32, everything else a float type.
+_KIND_DTYPES = {"int8": ("I8",), "scale": ("F32",), "float": tuple(weights.FLOAT_DTYPES)}
 
 
-def load_int8_weights(model: nn.Module, model_path, device: torch.device, dtype: torch.dtype,
+class _Int8Policy(weights.LoadPolicy):
+    """weights.load_checkpoint's per-tensor decisions for a model prepared by use_int8_modules: from a float
+    checkpoint, the weights to quantize are quantized as they are read (their scales computed, not stored); from a
+    saved int8 checkpoint (keys already our names), int8 weights and scales are taken as stored."""
+
+    missing_hint = "re-create or re-download the checkpoint"
+
+    def __init__(self, model: nn.Module, model_path: str | os.PathLike, device: torch.device, dtype: torch.dtype):
+        super().__init__(model, device, dtype)
+        self.stored_int8 = is_int8_checkpoint(model_path)
+        state = model.state_dict()
+        self.quantized = {name for name, t in state.items() if t.dtype == torch.int8}
+        self.kinds: dict[str, str] = {}  # name -> kind of tensor the file must hold (_KIND_DTYPES)
+        for name in state:
+            if name in self.quantized:
+                self.kinds[name] = "int8" if self.stored_int8 else "float"
+            elif name.endswith(".weight" + SCALE_SUFFIX):
+                if not self.stored_int8:  # a float checkpoint has no scales: they are computed from its weights
+                    del self.expected[name]
+                    continue
+                self.kinds[name] = "scale"
+            else:
+                self.kinds[name] = "float"
+
+    def name(self, key: str) -> str | None:
+        return key if self.stored_int8 else weights.canonical_key(key)
+
+    def check_dtype(self, path: Path, key: str, name: str | None, stored: str) -> None:
+        ok = _KIND_DTYPES[self.kinds[name]] if name in self.kinds else None  # None: the loop refuses the name
+        if ok is not None and stored not in ok:
+            raise CheckpointError(f"{path.name}: tensor {key} has dtype {stored}, expected {' or '.join(ok)}; "
+                                  "re-create the checkpoint")
+
+    def read(self, t: weights.StoredTensor) -> dict[str, torch.Tensor]:
+        kind = self.kinds[t.name]
+        if t.name in self.quantized and not self.stored_int8:
+            q, scale = _quantize_stored(t.shard.reader(), t.key, t.shape)
+            return {t.name: q.to(self.device), t.name + SCALE_SUFFIX: scale.to(self.device)}
+        if kind == "float":
+            return super().read(t)
+        stored = t.shard.file.get_tensor(t.key)  # on CPU a view of the file's memory map, paged in on first use
+        if kind == "scale" and not bool(((stored > 0) & torch.isfinite(stored)).all()):
+            raise CheckpointError(f"{t.shard.path.name}: {t.key} holds scales that are not finite and positive; "
+                                  "re-create the checkpoint")
+        return {t.name: stored.to(self.device)}
+
+
+def load_int8_weights(model: nn.Module, model_path: str | os.PathLike, device: torch.device, dtype: torch.dtype,
                       on_bytes: Callable[[int], None] | None = None) -> None:
     """Fill a model prepared by use_int8_modules (on meta): from a float checkpoint, each weight to quantize is
     quantized as it is read; from a saved int8 checkpoint, the int8 weights and scales are taken as stored
     (zero-copy views of the file on CPU) and every scale is checked finite and positive. Float parts go to
-    `dtype`. Same key/shape/dtype strictness as weights.load_weights; on_bytes as there."""
-    stored_int8 = is_int8_checkpoint(model_path)
-    allowed: dict[str, tuple[torch.Size, str]] = {}  # name -> (shape, kind of tensor the file must hold)
-    quantized = {name for name, t in model.state_dict().items() if t.dtype == torch.int8}
-    for name, t in model.state_dict().items():
-        if name in quantized:
-            allowed[name] = (t.shape, "int8" if stored_int8 else "float")
-        elif name.endswith(".weight" + SCALE_SUFFIX):
-            if stored_int8:  # a float checkpoint has no scales: they are computed from its weights
-                allowed[name] = (t.shape, "scale")
-        else:
-            allowed[name] = (t.shape, "float")
-    loaded: dict[str, torch.Tensor] = {}
-    for path in weights.weight_files(model_path):
-        reader: weights._ShardReader | None = None
-        done = 0
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    name = key if stored_int8 else weights.canonical_key(key)
-                    sl = f.get_slice(key)
-                    shape, stored = torch.Size(sl.get_shape()), sl.get_dtype()
-                    nbytes = math.prod(shape) * (1 if stored == "I8" else
-                                                 weights._SAFETENSORS_DTYPES.get(stored, torch.uint8).itemsize)
-                    if name is None:  # a tied lm_head copy in a float checkpoint: never loaded
-                        continue
-                    _check_tensor(path, key, name, shape, stored, allowed, loaded)
-                    kind = allowed[name][1]
-                    if name in quantized and not stored_int8:
-                        reader = reader or weights._ShardReader(path)
-                        q, scale = _quantize_stored(reader, key, shape)
-                        loaded[name], loaded[name + SCALE_SUFFIX] = q.to(device), scale.to(device)
-                    elif kind in ("int8", "scale"):
-                        t = f.get_tensor(key)  # on CPU a view of the file's memory map, paged in on first use
-                        if kind == "scale" and not bool(((t > 0) & torch.isfinite(t)).all()):
-                            raise CheckpointError(f"{path.name}: {key} holds scales that are not finite and "
-                                                  "positive; re-create the checkpoint")
-                        loaded[name] = t.to(device)
-                    else:
-                        reader = reader or weights._ShardReader(path)
-                        loaded[name] = reader.read(key, dtype, device)
-                        weights.check_finite(loaded[name], f"{path.name}: tensor {key}",
-                                             weights._SAFETENSORS_DTYPES[stored])
-                    done += nbytes
-                    if on_bytes is not None:
-                        on_bytes(nbytes)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path.name} is truncated or not a safetensors file ({e}); re-download it") from None
-        finally:
-            if reader is not None:
-                reader.close()
-        if on_bytes is not None:
-            on_bytes(path.stat().st_size - done)
-    missing = [k for k in allowed if k not in loaded]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-create "
-                              "or re-download the checkpoint")
-    model.load_state_dict(loaded, strict=True, assign=True)  # every key and shape checked above
+    `dtype`. weights.load_checkpoint's loop and checks, as for weights.load_weights; on_bytes as there."""
+    weights.load_checkpoint(model, model_path, _Int8Policy(model, model_path, device, dtype), on_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

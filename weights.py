@@ -4,6 +4,10 @@ every key mapped onto our module names (legacy and transformers-5 layouts), ever
 every tensor checked to be finite, and float32 -> bf16 (or host -> GPU) conversion through one small staging
 buffer, so peak memory stays near one copy of the weights. Pickled `*.bin` checkpoints are refused.
 
+One loop (load_checkpoint) does this for every loader; a LoadPolicy supplies what differs per loader: how a
+file's key maps to our name, which stored dtypes it reads, and what a stored tensor becomes. load_weights uses the
+float policy; quantize.load_int8_weights its int8 one (quantize while reading, or take int8 views).
+
 Checked against: the hub checkpoints' key layouts (../shared/PALIGEMMA_FACTS.md) and transformers' conversion
 scripts; tests/test_loader.py and test_errors.py / test_hostile.py run every refusal.
 """
@@ -15,11 +19,13 @@ import math
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from configuration_paligemma import CheckpointError
 from modeling_gemma import PaliGemmaForConditionalGeneration
@@ -114,47 +120,59 @@ def weight_files(model_path: str | os.PathLike) -> list[Path]:
     raise CheckpointError(f"{root} has no model.safetensors or model.safetensors.index.json; download the weights")
 
 
-_SAFETENSORS_DTYPES = {
+FLOAT_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 }
+# Bytes per element of every stored dtype some loader accepts (int8 checkpoints add I8), for progress.
+_ITEMSIZE = {"I8": 1, **{name: dt.itemsize for name, dt in FLOAT_DTYPES.items()}}
 
 
-class _ShardReader:
+class ShardReader:
     """Reads tensors of one safetensors file by explicit file reads into a reused staging buffer.
 
-    Used when the stored dtype or device differs from the target. Converting through safetensors' zero-copy
-    slices would fault the whole float32 shard into this process's memory map (counted in RSS until the file
-    closes, so a float32 checkpoint loaded as bf16 would peak far above the bf16 weights). Plain reads keep the
-    peak at the converted weights plus one staging buffer.
+    Used when the stored dtype or device differs from the target, and by quantize.py to quantize while reading.
+    Converting through safetensors' zero-copy slices would fault the whole float32 shard into this process's
+    memory map (counted in RSS until the file closes, so a float32 checkpoint loaded as bf16 would peak far above
+    the bf16 weights). Plain reads keep the peak at the converted weights plus one staging buffer.
     """
 
     def __init__(self, path: Path):
+        self.name = path.name
         self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
         header_len = int.from_bytes(self.file.read(8), "little")
         self.header = json.loads(self.file.read(header_len))
         self.data_start = 8 + header_len  # data_offsets are relative to the end of the header
         self.staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
 
+    def offset(self, key: str) -> int:
+        """Where tensor `key`'s bytes start in the file."""
+        return self.data_start + self.header[key]["data_offsets"][0]
+
+    def read_bytes(self, offset: int, nbytes: int, key: str) -> torch.Tensor:
+        """nbytes (at most the staging buffer's size) of the file from offset, as the staging buffer's first
+        nbytes: valid until the next read. key names the tensor in the error for a file that ends early."""
+        buf = memoryview(self.staging.numpy())
+        self.file.seek(offset)
+        got = 0
+        while got < nbytes:  # raw reads may return short
+            r = self.file.readinto(buf[got:nbytes])
+            if not r:
+                raise CheckpointError(f"{self.name} ends inside tensor {key}; re-download it")
+            got += r
+        return self.staging[:nbytes]
+
     def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        info = self.header[key]
-        src_dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        out = torch.empty(info["shape"], dtype=dtype, device=device)
+        """Float tensor `key` converted to dtype on device, one staging buffer at a time."""
+        src_dtype = FLOAT_DTYPES[self.header[key]["dtype"]]
+        out = torch.empty(self.header[key]["shape"], dtype=dtype, device=device)
         flat = out.view(-1)
         per_chunk = _CHUNK_BYTES // src_dtype.itemsize
-        offset = self.data_start + info["data_offsets"][0]
-        buf = memoryview(self.staging.numpy())
+        offset = self.offset(key)
         for start in range(0, flat.numel(), per_chunk):
             n = min(per_chunk, flat.numel() - start)
-            nbytes = n * src_dtype.itemsize
-            self.file.seek(offset + start * src_dtype.itemsize)
-            got = 0
-            while got < nbytes:  # raw reads may return short
-                r = self.file.readinto(buf[got:nbytes])
-                if not r:
-                    raise CheckpointError(f"{Path(self.file.name).name} ends inside tensor {key}; re-download it")
-                got += r
+            chunk = self.read_bytes(offset + start * src_dtype.itemsize, n * src_dtype.itemsize, key)
             # safetensors stores little-endian data, which is every platform torch runs on.
-            flat[start:start + n].copy_(self.staging[:nbytes].view(src_dtype))
+            flat[start:start + n].copy_(chunk.view(src_dtype))
         return out
 
     def close(self) -> None:
@@ -179,58 +197,140 @@ def check_finite(t: torch.Tensor, what: str, stored_as: torch.dtype) -> None:
     raise CheckpointError(f"{what} holds {kind}; the checkpoint is damaged — re-download it")
 
 
-def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: torch.device, dtype: torch.dtype,
-                 on_bytes: Callable[[int], None] | None = None):
-    """Stream every tensor of the checkpoint into `model` (built on meta) with full key/shape/dtype checks.
+class Shard:
+    """One open weight file, as the loop hands it to a policy: `file` (safe_open, for zero-copy views) and
+    `reader()` (a ShardReader opened on first use, so a shard read only as views never allocates its buffer)."""
+
+    def __init__(self, path: Path, file: Any):
+        self.path, self.file = path, file
+        self._reader: ShardReader | None = None
+
+    def reader(self) -> ShardReader:
+        if self._reader is None:
+            self._reader = ShardReader(self.path)
+        return self._reader
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a weight file that passed the loop's checks: its key in the file, our name for it, its
+    shape and stored dtype (safetensors' name: "F32", "I8", ...)."""
+
+    shard: Shard
+    key: str
+    name: str
+    shape: torch.Size
+    dtype: str
+
+    @property
+    def what(self) -> str:
+        """How errors name it: "<file>: tensor <key>"."""
+        return f"{self.shard.path.name}: tensor {self.key}"
+
+
+def read_float(t: StoredTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A stored float tensor as `dtype` on `device`, checked finite: a zero-copy view of the file's memory map
+    when nothing changes (paged in on first use), else converted through the shard's staging buffer."""
+    stored = FLOAT_DTYPES[t.dtype]
+    if stored == dtype and device.type == "cpu":
+        out = t.shard.file.get_tensor(t.key)
+    else:
+        out = t.shard.reader().read(t.key, dtype, device)
+    check_finite(out, t.what, stored)
+    return out
+
+
+class LoadPolicy:
+    """The per-tensor decisions of load_checkpoint's loop. This base reads a float checkpoint into the model's
+    float parameters (load_weights); quantize.py's subclass changes the names and dtypes a file must hold and
+    how a stored tensor becomes the loaded one(s)."""
+
+    missing_hint = "re-download"  # ends the missing-tensor error: what the user should do
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        # our name -> shape of every tensor the weight files must hold (after name()); order = state_dict order
+        self.expected: dict[str, torch.Size] = {name: t.shape for name, t in model.state_dict().items()}
+
+    def name(self, key: str) -> str | None:
+        """A file's key -> our name (None: a tied lm_head copy, checked but not loaded)."""
+        return canonical_key(key)
+
+    def check_dtype(self, path: Path, key: str, name: str | None, stored: str) -> None:
+        """Refuse a stored dtype this loader does not read; runs first, on every tensor (name may be None or
+        unexpected)."""
+        if stored not in FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{path.name}: tensor {key} has dtype {stored}; PaliGemma weights are float32, bfloat16 or float16 "
+                "(float8 and integer tensors are not read) — use the original checkpoint's files"
+            )
+
+    def read(self, t: StoredTensor) -> dict[str, torch.Tensor]:
+        """The loaded tensor(s), by our name, that stored tensor t becomes."""
+        return {t.name: read_float(t, self.dtype, self.device)}
+
+
+def _check_key(t: StoredTensor, expected: dict[str, torch.Size], where: dict[str, str]) -> None:
+    """A named tensor must be one the model expects, found once, with the shape config.json gives it."""
+    path, key, name = t.shard.path, t.key, t.name
+    if name not in expected:
+        raise CheckpointError(
+            f"{path.name}: unexpected tensor {key} (not part of this config's model); "
+            "check config.json matches the weights"
+        )
+    if name in where:
+        raise CheckpointError(f"{path.name}: tensor {key} also appears in {where[name]}")
+    if t.shape != expected[name]:
+        raise CheckpointError(
+            f"{path.name}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(expected[name])} "
+            "from config.json; the checkpoint and its config disagree"
+        )
+
+
+def _load_tensor(shard: Shard, key: str, policy: LoadPolicy, loaded: dict[str, torch.Tensor],
+                 where: dict[str, str]) -> int:
+    """Check one stored tensor and load what it becomes into `loaded`; returns the bytes it takes in the file (0
+    for a tied lm_head copy, which is only checked)."""
+    sl = shard.file.get_slice(key)
+    shape, stored = torch.Size(sl.get_shape()), sl.get_dtype()
+    name = policy.name(key)
+    policy.check_dtype(shard.path, key, name, stored)
+    if name is None:  # tied lm_head copy: check it, don't load it
+        emb = policy.expected["language_model.model.embed_tokens.weight"]
+        if shape != emb:
+            raise CheckpointError(f"{shard.path.name}: {key} has shape {tuple(shape)}, expected {tuple(emb)}")
+        return 0
+    t = StoredTensor(shard, key, name, shape, stored)
+    _check_key(t, policy.expected, where)
+    loaded.update(policy.read(t))
+    where[name] = shard.path.name
+    return math.prod(shape) * _ITEMSIZE[stored]
+
+
+def load_checkpoint(model: nn.Module, model_path: str | os.PathLike, policy: LoadPolicy,
+                    on_bytes: Callable[[int], None] | None = None) -> None:
+    """The one loading loop (load_weights, quantize.load_int8_weights): walk every weight file's tensors, check
+    each key, shape and dtype, let `policy` turn it into loaded tensors, report progress, refuse a checkpoint
+    that lacks a tensor, and hand the model its tensors (built on meta: assigned, not copied).
 
     on_bytes (progress): called with each tensor's size in bytes, and with the rest of each shard's file size
     (header, skipped tensors) after it, so the calls add up to the weight files' total size.
     """
-    expected = {name: t.shape for name, t in model.state_dict().items()}
     loaded: dict[str, torch.Tensor] = {}
-    where: dict[str, str] = {}
+    where: dict[str, str] = {}  # our name -> the file it came from (for the duplicate error)
     for path in weight_files(model_path):
-        reader: _ShardReader | None = None  # opened on the first tensor that needs converting
+        shard: Shard | None = None
         shard_done = 0
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
+                shard = Shard(path, f)
                 for key in f.keys():
-                    name = canonical_key(key)
-                    sl = f.get_slice(key)
-                    if sl.get_dtype() not in _SAFETENSORS_DTYPES:
-                        raise CheckpointError(
-                            f"{path.name}: tensor {key} has dtype {sl.get_dtype()}; PaliGemma weights are "
-                            "float32, bfloat16 or float16 (float8 and integer tensors are not read) — use the "
-                            "original checkpoint's files"
-                        )
-                    shape = torch.Size(sl.get_shape())
-                    if name is None:  # tied lm_head copy: check it, don't load it
-                        emb = expected["language_model.model.embed_tokens.weight"]
-                        if shape != emb:
-                            raise CheckpointError(f"{path.name}: {key} has shape {tuple(shape)}, expected {tuple(emb)}")
-                        continue
-                    if name not in expected:
-                        raise CheckpointError(
-                            f"{path.name}: unexpected tensor {key} (not part of this config's model); "
-                            "check config.json matches the weights"
-                        )
-                    if name in loaded:
-                        raise CheckpointError(f"{path.name}: tensor {key} also appears in {where[name]}")
-                    if shape != expected[name]:
-                        raise CheckpointError(
-                            f"{path.name}: tensor {key} has shape {tuple(shape)}, expected {tuple(expected[name])} "
-                            "from config.json; the checkpoint and its config disagree"
-                        )
-                    if _SAFETENSORS_DTYPES[sl.get_dtype()] == dtype and device.type == "cpu":
-                        # Zero-copy: the tensor is a view of the file's memory map, paged in on first use.
-                        loaded[name] = f.get_tensor(key)
-                    else:
-                        reader = reader or _ShardReader(path)
-                        loaded[name] = reader.read(key, dtype, device)
-                    where[name] = path.name
-                    check_finite(loaded[name], f"{path.name}: tensor {key}", _SAFETENSORS_DTYPES[sl.get_dtype()])
-                    if on_bytes is not None:
-                        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[sl.get_dtype()].itemsize
+                    nbytes = _load_tensor(shard, key, policy, loaded, where)
+                    if on_bytes is not None and nbytes:
                         on_bytes(nbytes)
                         shard_done += nbytes
         except SafetensorError as e:
@@ -238,14 +338,22 @@ def load_weights(model: PaliGemmaForConditionalGeneration, model_path, device: t
         except PermissionError:
             raise CheckpointError(f"{path} cannot be read (permission denied); check its permissions") from None
         finally:
-            if reader is not None:
-                reader.close()
+            if shard is not None:
+                shard.close()
         if on_bytes is not None:
             on_bytes(path.stat().st_size - shard_done)
-    missing = [k for k in expected if k not in loaded]
+    missing = [k for k in policy.expected if k not in loaded]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; re-download")
+        raise CheckpointError(f"tensor {missing[0]}{more} is missing from the weights in {model_path}; "
+                              f"{policy.missing_hint}")
     # Every key and shape was checked above, so strict=True cannot fail here; assign=True adopts our tensors
     # instead of copying into meta storage.
     model.load_state_dict(loaded, strict=True, assign=True)
+
+
+def load_weights(model: PaliGemmaForConditionalGeneration, model_path: str | os.PathLike, device: torch.device,
+                 dtype: torch.dtype, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Stream every tensor of a float checkpoint into `model` (built on meta) as `dtype` on `device`, with full
+    key/shape/dtype/finiteness checks; on_bytes as in load_checkpoint."""
+    load_checkpoint(model, model_path, LoadPolicy(model, device, dtype), on_bytes)
