@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: tiny random checkpoints in the hub layout (built once per test session), the
-command line run as a subprocess or in-process, noise images, and a checkpoint that asks to run its own code."""
+command line run as a subprocess or in-process (and the error catalogue's runs, tests/cli_runs.py), noise images,
+and a checkpoint that asks to run its own code."""
 
 import json
 import os
@@ -37,7 +38,7 @@ CLI_TIMEOUT = 180  # seconds for one subprocess run of the CLI (interpreter star
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cli_run(kind, param): the CLI run a test of test_errors.py reads")
+    config.addinivalue_line("markers", "cli_run(kind, param): the CLI run a test of test_errors_*.py reads")
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +59,25 @@ def ckpt(checkpoint) -> Path:
     """The default tiny checkpoint (PaliGemma 1, legacy keys, MQA, 224 px). Shared: never write into it (copy it
     first, as the tests of broken checkpoints do)."""
     return checkpoint(DEFAULT_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def runs(request, ckpt, jpg, tmp_path_factory):
+    """The CLI runs of this module's selected tests, built by the module's cli_job (tests/cli_runs.py)."""
+    from cli_runs import module_runs  # here, not at the top: cli_runs imports this module
+
+    with module_runs(request, ckpt, jpg, tmp_path_factory.mktemp("cli")) as started:
+        yield started
+
+
+@pytest.fixture
+def cli_result(request, runs):
+    """(CompletedProcess, nothing written to the checkpoint or the working directory) of this test's CLI run."""
+    from cli_runs import run_key
+
+    key = run_key(request.node)
+    assert key is not None, "cli_result needs a @cli_run(kind, param) mark on the test"
+    return runs.start(key).result()
 
 
 def random_image(seed: int, size=(64, 48), mode="RGB") -> Image.Image:
