@@ -5,7 +5,7 @@ image-path and output-path checks, and every failure as one "error:" line.
 inference.py declares the flags (FLAGS) and runs them; this file knows no flag by name. The checks run before
 the model loads, so a mistake costs a second, not a model load (with several images, `load_image` also runs
 per image later, and a failure there becomes that image's error line); `describe` turns any exception into an
-exit code and one line (docs/errors.md). tests/test_errors.py, test_many.py and test_cli.py run every rule.
+exit code and one line (docs/errors.md). tests/test_errors_*.py, test_many.py and test_cli.py run every rule.
 """
 
 from __future__ import annotations

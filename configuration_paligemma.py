@@ -156,7 +156,7 @@ _TOKEN_ID = ("a token id (an integer >= 0)", lambda v: type(v) is int and v >= 0
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # (what the value must be, the test), per field of each dataclass. A field missing here is a bug that
-# test_hostile.py catches (every field of every config class must have a rule).
+# test_hostile_config.py catches (every field of every config class must have a rule).
 _RULES: dict[type, dict[str, tuple[str, Callable[[Any], bool]]]] = {
     GemmaConfig: {
         "model_type": ("'gemma' or 'gemma2'", lambda v: v in ("gemma", "gemma2")),

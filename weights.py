@@ -9,7 +9,7 @@ file's key maps to our name, which stored dtypes it reads, and what a stored ten
 float policy; quantize.load_int8_weights its int8 one (quantize while reading, or take int8 views).
 
 Checked against: the hub checkpoints' key layouts (../shared/PALIGEMMA_FACTS.md) and transformers' conversion
-scripts; tests/test_loader.py and test_errors.py / test_hostile.py run every refusal.
+scripts; tests/test_loader.py and test_errors_*.py / test_hostile_*.py run every refusal.
 """
 
 from __future__ import annotations
