@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from machine import child_result  # benchmarks/ is on sys.path when a script in it runs
+from machine import child_result, median_row  # benchmarks/ is on sys.path when a script in it runs
+from yardsticks import read_bandwidth
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -213,20 +213,13 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(args, impl, dtype)
             if r:
                 runs[(impl, dtype)].append(r)
-    rows = []
-    for rs in runs.values():
-        if rs:
-            row = dict(rs[0], runs=len(rs), peak_rss=max(r["peak_rss"] for r in rs))
-            for key in ("total_s", "start_s", "load_s", "ttft_s", "decode_tok_s"):
-                row[key] = statistics.median(r[key] for r in rs)
-            rows.append(row)
+    rows = [median_row(rs, ("total_s", "start_s", "load_s", "ttft_s", "decode_tok_s")) for rs in runs.values() if rs]
     if not rows:
         sys.exit("every run failed; see above")
-    import speed
     import torch
 
     torch.set_num_threads(args.threads)
-    read_bw = speed.read_bandwidth()
+    read_bw = read_bandwidth()
     loads = [r["loadavg"] for rs in runs.values() for r in rs]
     print(f"\n{cpu}; torch {torch.__version__}; {args.threads} threads; one image + 'caption en' (260 tokens), "
           f"{args.new_tokens} new tokens, greedy, EOS ignored; median of {args.repeat} interleaved round(s); load "
