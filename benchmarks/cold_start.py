@@ -94,27 +94,9 @@ def run_child(args) -> dict:
         "start_s": t_ready - args.spawned, "load_s": t_loaded - t_ready, "ttft_s": first,
         "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first),
         "total_s": time.time() - args.spawned, "ids": ids[0].tolist(),
-        "weight_bytes": _bytes(model, lambda name: True), "decode_bytes": _bytes(model, _is_decoder),
+        "weight_bytes": speed.weight_bytes(model), "decode_bytes": speed.weight_bytes(model, speed.is_decoder),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-
-
-def _is_decoder(name: str) -> bool:
-    return "vision" not in name and "multi_modal" not in name
-
-
-def _bytes(model, keep) -> int:
-    """Bytes of the model's tensors whose names pass keep, each storage once (the tied LM head is the
-    embedding); torchao's int8 tensors count their int8 data and scales."""
-    seen, total = set(), 0
-    for name, t in model.state_dict().items():
-        parts = [getattr(t, a) for a in ("qdata", "scale") if hasattr(t, a)] or [t]
-        for p in parts:
-            key = id(p) if p.is_mkldnn else p.untyped_storage().data_ptr()
-            if keep(name) and key not in seen:
-                seen.add(key)
-                total += p.numel() * p.element_size()
-    return total
 
 
 def measure(args, impl: str, dtype: str) -> dict | None:

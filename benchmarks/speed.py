@@ -54,6 +54,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # benchmarks/ is on sys.path when a script in it runs
@@ -188,22 +189,22 @@ def _key(t) -> object:
     return id(t) if t.is_mkldnn else t.data_ptr()
 
 
-def _weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if _key(t) not in seen:
-            seen.add(_key(t))
-            total += t.numel() * t.element_size()
-    return total
+def is_decoder(name: str) -> bool:
+    """Whether a weight is read per decoded token: every decoder weight and the (tied) 257k-row embedding as the LM
+    head; not the vision tower nor the projector, which run once per image."""
+    return "vision" not in name and "multi_modal" not in name
 
 
-def _decode_bytes(model) -> int:
-    """Bytes read per decoded token: every decoder weight plus the (tied) 257k-row embedding as the LM head."""
+def weight_bytes(model, keep: Callable[[str], bool] = lambda name: True) -> int:
+    """Bytes of the model's tensors whose names pass `keep`, each block of memory once (transformers'
+    lm_head.weight is the embedding itself); torchao's int8 tensors count their int8 data and scales."""
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if "vision" not in name and "multi_modal" not in name and _key(t) not in seen:
-            seen.add(_key(t))  # transformers' lm_head.weight is the embedding itself: count it once
-            total += t.numel() * t.element_size()
+        if keep(name):
+            for part in [getattr(t, a) for a in ("qdata", "scale") if hasattr(t, a)] or [t]:
+                if _key(part) not in seen:
+                    seen.add(_key(part))
+                    total += part.numel() * part.element_size()
     return total
 
 
@@ -232,7 +233,7 @@ def run_child(args) -> dict:
         "threads": torch.get_num_threads(), "load_s": load_s, "ttft_s": clock.t_first - clock.t0,
         "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first), "new_tokens": args.new_tokens,
         "prompt_len": int(inputs["input_ids"].shape[1]), "ids": ids[0].tolist(),
-        "weight_bytes": _weight_bytes(model), "decode_bytes": _decode_bytes(model),
+        "weight_bytes": weight_bytes(model), "decode_bytes": weight_bytes(model, is_decoder),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if device.type == "cuda":
