@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from machine import child_result  # benchmarks/ is on sys.path when a script in it runs
+from machine import child_result, median_row  # benchmarks/ is on sys.path when a script in it runs
+from yardsticks import read_bandwidth
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -94,27 +94,9 @@ def run_child(args) -> dict:
         "start_s": t_ready - args.spawned, "load_s": t_loaded - t_ready, "ttft_s": first,
         "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first),
         "total_s": time.time() - args.spawned, "ids": ids[0].tolist(),
-        "weight_bytes": _bytes(model, lambda name: True), "decode_bytes": _bytes(model, _is_decoder),
+        "weight_bytes": speed.weight_bytes(model), "decode_bytes": speed.weight_bytes(model, speed.is_decoder),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-
-
-def _is_decoder(name: str) -> bool:
-    return "vision" not in name and "multi_modal" not in name
-
-
-def _bytes(model, keep) -> int:
-    """Bytes of the model's tensors whose names pass keep, each storage once (the tied LM head is the
-    embedding); torchao's int8 tensors count their int8 data and scales."""
-    seen, total = set(), 0
-    for name, t in model.state_dict().items():
-        parts = [getattr(t, a) for a in ("qdata", "scale") if hasattr(t, a)] or [t]
-        for p in parts:
-            key = id(p) if p.is_mkldnn else p.untyped_storage().data_ptr()
-            if keep(name) and key not in seen:
-                seen.add(key)
-                total += p.numel() * p.element_size()
-    return total
 
 
 def measure(args, impl: str, dtype: str) -> dict | None:
@@ -213,20 +195,13 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(args, impl, dtype)
             if r:
                 runs[(impl, dtype)].append(r)
-    rows = []
-    for rs in runs.values():
-        if rs:
-            row = dict(rs[0], runs=len(rs), peak_rss=max(r["peak_rss"] for r in rs))
-            for key in ("total_s", "start_s", "load_s", "ttft_s", "decode_tok_s"):
-                row[key] = statistics.median(r[key] for r in rs)
-            rows.append(row)
+    rows = [median_row(rs, ("total_s", "start_s", "load_s", "ttft_s", "decode_tok_s")) for rs in runs.values() if rs]
     if not rows:
         sys.exit("every run failed; see above")
-    import speed
     import torch
 
     torch.set_num_threads(args.threads)
-    read_bw = speed.read_bandwidth()
+    read_bw = read_bandwidth()
     loads = [r["loadavg"] for rs in runs.values() for r in rs]
     print(f"\n{cpu}; torch {torch.__version__}; {args.threads} threads; one image + 'caption en' (260 tokens), "
           f"{args.new_tokens} new tokens, greedy, EOS ignored; median of {args.repeat} interleaved round(s); load "

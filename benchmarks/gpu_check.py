@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import speed  # noqa: E402 — the child measurement, the table's ratios
+import speed  # noqa: E402 — its child runs each stage; RESULT_PREFIX marks the child's result lines
 
 IMPLS = ["ours", "transformers", "ours-compiled", "transformers-static"]
 # Warmed twice: CUDA graphs ("reduce-overhead") are recorded on the second call and replayed from the third.

@@ -40,6 +40,9 @@ GPU, one command (make the bf16 checkpoint, then all four implementations; ~6 mi
 
     python benchmarks/speed.py --make /tmp/pg-3b-224-bf16 --ckpt-dtype bfloat16 --device cuda --new-tokens 128
 
+This file is the measurement (the child) and the schedule of runs (the parent); speed_table.py renders the tables,
+yardsticks.py measures the bandwidths and the fused-projection micro-benchmark.
+
 Progress and diagnostics go to stderr. No threshold is asserted: these machines are noisy, read the ratios.
 """
 
@@ -51,13 +54,16 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from machine import child_result  # benchmarks/ is on sys.path when a script in it runs
+# benchmarks/ is on sys.path when a script in it runs
+from machine import child_result, median_row
+from speed_table import GB, format_table, projection_table
+from yardsticks import copy_bandwidth, gemv_bandwidth, projection_micro, read_bandwidth
 
 REPO = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "SPEED_RESULT "
-GB = 1e9
 PROMPT = "caption en"
 
 
@@ -183,32 +189,23 @@ def _key(t) -> object:
     return id(t) if t.is_mkldnn else t.data_ptr()
 
 
-def _weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in model.state_dict().values():
-        if _key(t) not in seen:
-            seen.add(_key(t))
-            total += t.numel() * t.element_size()
-    return total
+def is_decoder(name: str) -> bool:
+    """Whether a weight is read per decoded token: every decoder weight and the (tied) 257k-row embedding as the LM
+    head; not the vision tower nor the projector, which run once per image."""
+    return "vision" not in name and "multi_modal" not in name
 
 
-def _decode_bytes(model) -> int:
-    """Bytes read per decoded token: every decoder weight plus the (tied) 257k-row embedding as the LM head."""
+def weight_bytes(model, keep: Callable[[str], bool] = lambda name: True) -> int:
+    """Bytes of the model's tensors whose names pass `keep`, each block of memory once (transformers'
+    lm_head.weight is the embedding itself); torchao's int8 tensors count their int8 data and scales."""
     seen, total = set(), 0
     for name, t in model.state_dict().items():
-        if "vision" not in name and "multi_modal" not in name and _key(t) not in seen:
-            seen.add(_key(t))  # transformers' lm_head.weight is the embedding itself: count it once
-            total += t.numel() * t.element_size()
+        if keep(name):
+            for part in [getattr(t, a) for a in ("qdata", "scale") if hasattr(t, a)] or [t]:
+                if _key(part) not in seen:
+                    seen.add(_key(part))
+                    total += part.numel() * part.element_size()
     return total
-
-
-def _copy_bandwidth(device) -> float:
-    """Device-to-device copy bandwidth, bytes read + written per second (the decode ceiling's yardstick)."""
-    import torch
-
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.numel() / _time(lambda: b.copy_(a), 10, torch.cuda.synchronize)
 
 
 def run_child(args) -> dict:
@@ -236,12 +233,12 @@ def run_child(args) -> dict:
         "threads": torch.get_num_threads(), "load_s": load_s, "ttft_s": clock.t_first - clock.t0,
         "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first), "new_tokens": args.new_tokens,
         "prompt_len": int(inputs["input_ids"].shape[1]), "ids": ids[0].tolist(),
-        "weight_bytes": _weight_bytes(model), "decode_bytes": _decode_bytes(model),
+        "weight_bytes": weight_bytes(model), "decode_bytes": weight_bytes(model, is_decoder),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     if device.type == "cuda":
         res["peak_cuda"] = torch.cuda.max_memory_allocated(device)
-        res["copy_bw"] = _copy_bandwidth(device)
+        res["copy_bw"] = copy_bandwidth(device)
     res["images_s"] = {}
     # Partial results as they come (the parent keeps the last line), so a child killed at its time budget still
     # reports what it measured.
@@ -262,77 +259,6 @@ def run_child(args) -> dict:
             print(f"  batch {b}: {res['images_s'][b]:.1f} images/s", file=sys.stderr, flush=True)
             print(RESULT_PREFIX + json.dumps(res), flush=True)
     return res
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# machine yardsticks, measured in the parent (after the children, so they never share the machine)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _time(fn, reps: int, sync, rounds: int = 3) -> float:
-    """Seconds per call: the best of `rounds` rounds of `reps` calls, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
-
-
-def read_bandwidth() -> float:
-    """Bytes per second a streaming reduction reads from DRAM (a sum over 2 GB): the CPU decode ceiling, since a
-    decoded token must read every decoder and LM-head weight once."""
-    import torch
-
-    a = torch.ones(500_000_000)  # 2 GB of float32, far beyond the caches
-    return a.numel() * a.element_size() / _time(lambda: a.sum(), 2, lambda: None)
-
-
-def gemv_bandwidth(device: str, dtype_name: str) -> float:
-    """Bytes of weights per second a (1, 2048) x (2048, 131072) matrix-vector product reads, the better of ATen's
-    F.linear and our `linear` (oneDNN for float32 on CPU): for comparison with the read ceiling."""
-    import torch
-    import torch.nn.functional as F
-
-    sys.path.insert(0, str(REPO))
-    from ops import linear
-
-    dtype = getattr(torch, dtype_name)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    w = torch.randn(8 * 16384, 2048, device=device).to(dtype)
-    x = torch.randn(1, 2048, device=device).to(dtype)
-    best = min(_time(lambda: F.linear(x, w), 10, sync), _time(lambda: linear(x, w), 10, sync))
-    return w.numel() * w.element_size() / best
-
-
-def projection_micro(device: str, dtype_name: str, layers: int = 6) -> list[list[str]]:
-    """ms per decoder layer for q/k/v and gate/up as separate matmuls vs one fused matmul (PaliGemma-3B shapes),
-    at decode (1 token) and prefill (260 tokens): what fusing the projections would buy here."""
-    import torch
-    import torch.nn.functional as F
-
-    dtype = getattr(torch, dtype_name)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
-    def mats(rows):  # `layers` distinct weights, so each layer's read comes from memory, not cache
-        return [torch.randn(r, 2048, device=device).to(dtype) for r in rows for _ in range(layers)]
-
-    rows = []
-    for name, shapes in (("q/k/v", (2048, 256, 256)), ("gate/up", (16384, 16384))):
-        ws = [mats([r]) for r in shapes]  # ws[j][i]: matrix j of layer i
-        fused = [torch.cat([w[i] for w in ws]) for i in range(layers)]
-        for T in (1, 260):
-            x = torch.randn(1, T, 2048, device=device).to(dtype)
-            reps = 10 if T == 1 else 3
-            sep = _time(lambda x=x, ws=ws: [F.linear(x, w[i]) for i in range(layers) for w in ws], reps, sync)
-            fus = _time(lambda x=x, fused=fused: [F.linear(x, f) for f in fused], reps, sync)
-            sep, fus = sep / layers, fus / layers
-            rows.append([name, dtype_name, "decode" if T == 1 else "prefill 260", f"{sep * 1e3:.3f}",
-                         f"{fus * 1e3:.3f}", f"{(sep - fus) / sep * 100:+.1f}%"])
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,59 +294,6 @@ def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | N
           f"peak RSS {r['peak_rss'] / GB:.2f} GB (weights {r['weight_bytes'] / GB:.2f} GB), "
           f"process {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     return r
-
-
-def _median_run(rs: list[dict]) -> dict:
-    """One row from repeated runs: median times and speeds, the highest memory peak, the first run's tokens."""
-    import statistics
-
-    out = dict(rs[0], runs=len(rs))
-    for key in ("load_s", "ttft_s", "decode_tok_s"):
-        out[key] = statistics.median(r[key] for r in rs)
-    for key in ("peak_rss", "peak_cuda"):
-        if key in out:
-            out[key] = max(r[key] for r in rs)
-    return out
-
-
-def format_table(results: list[dict], ceilings: dict[str, float]) -> str:
-    """One row per run. ceilings: dtype -> bytes/s that bound decode (gemv on CPU, copy on CUDA)."""
-    theirs = {r["dtype"]: r for r in results if r["impl"] == "transformers"}
-    cpu = all(r["device"] == "cpu" for r in results)
-    fastest = max(theirs.values(), key=lambda r: r["decode_tok_s"], default=None)
-    hf32 = theirs.get("float32")
-    head = ["impl", "dtype", "threads", "load s", "peak RSS GB", "RSS / weights", "TTFT s", "decode tok/s",
-            "% of decode ceiling", "TTFT ours/HF", "decode ours/HF"]
-    if cpu:
-        head += ["TTFT vs HF float32", f"decode vs HF fastest ({fastest['dtype'] if fastest else '-'})"]
-    else:
-        head[5:5] = ["peak CUDA GB"]
-        head += ["decode vs HF static"]
-    sizes = sorted({b for r in results for b in r.get("images_s", {})}, key=int)
-    head += [f"img/s B={b}" for b in sizes]
-    static = next((r for r in results if r["impl"] == "transformers-static"), None)
-    head.append("same tokens as HF")
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        ours = not r["impl"].startswith("transformers")
-        ref = theirs.get(r["dtype"]) if ours else None
-        name = r["impl"] + (f" ({r['variant']})" if r["variant"] else "")
-        ceiling = ceilings.get(r["dtype"])
-        cells = [name, r["dtype"], str(r["threads"]), f"{r['load_s']:.1f}", f"{r['peak_rss'] / GB:.2f}",
-                 f"{r['peak_rss'] / r['weight_bytes']:.2f}", f"{r['ttft_s']:.3f}", f"{r['decode_tok_s']:.2f}",
-                 f"{100 * r['decode_bytes'] * r['decode_tok_s'] / ceiling:.0f}%" if ceiling else "",
-                 f"{r['ttft_s'] / ref['ttft_s']:.2f}" if ref else "",
-                 f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else ""]
-        if cpu:
-            cells += [f"{r['ttft_s'] / hf32['ttft_s']:.2f}" if ours and hf32 else "",
-                      f"{r['decode_tok_s'] / fastest['decode_tok_s']:.2f}" if ours and fastest else ""]
-        else:
-            cells[5:5] = [f"{r['peak_cuda'] / GB:.2f}"]
-            cells.append(f"{r['decode_tok_s'] / static['decode_tok_s']:.2f}" if ours and static else "")
-        cells += [f"{r['images_s'][b]:.1f}" if b in r["images_s"] else "" for b in sizes]
-        cells.append(("yes" if r["ids"] == ref["ids"] else "no") if ref else "")
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -496,12 +369,13 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(args, impl, dtype, variant, extra)
             if r:
                 runs[i].append(r)
-    results = [_median_run(rs) for rs in runs.values() if rs]
+    results = [median_row(rs, ("load_s", "ttft_s", "decode_tok_s")) for rs in runs.values() if rs]
     if not results:
         sys.exit("every run failed; see above")
     import torch
 
     torch.set_num_threads(args.threads)
+    # The machine's yardsticks, measured after the children so that they never share the machine with a run.
     ceilings, micro, yardsticks = {}, [], []
     if cpu:
         read = read_bandwidth()
@@ -520,11 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     if yardsticks:
         print(f"\nCeiling: {'; '.join(yardsticks)} (bytes of weights). % of decode ceiling = decoder + LM-head "
               "bytes per token x tokens/s / DRAM read bandwidth.")
-    print("\nFusing projections (ms per decoder layer, PaliGemma-3B shapes; fused = one matmul over the stacked "
-          "weights):\n")
-    print("| projections | dtype | phase | separate ms | fused ms | saved |\n|---|---|---|---|---|---|")
-    for row in micro:
-        print("| " + " | ".join(row) + " |")
+    print("\n" + projection_table(micro))
 
 
 if __name__ == "__main__":
