@@ -54,7 +54,7 @@ INT8_KERNEL_MAX_ROWS = 16
 # copy never exists whole: 134 MB in float32 for a 16384 x 2048 projection, 2.1 GB for the LM head — which would
 # put the peak RSS of an int8 model well above its weight bytes. As fast as whole-matrix dequantization
 # (benchmarks/README.md); each output column is the same dot product (up to the GEMM's summation order).
-DEQUANT_BLOCK_BYTES = 16 << 20
+DEQUANT_BLOCK_BYTES = 4 << 20
 EMBED_NAME = "language_model.model.embed_tokens"
 
 
@@ -129,8 +129,12 @@ def _dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
     per = max(1, DEQUANT_BLOCK_BYTES // (k * x.element_size()))  # output features per block
     if per >= n:
         return ops.linear(x, dequantize(q, scale, x.dtype), bias)
-    return torch.cat([ops.linear(x, dequantize(q[i:i + per], scale[i:i + per], x.dtype),
-                                 None if bias is None else bias[i:i + per]) for i in range(0, n, per)], dim=-1)
+    # Each block's columns are written into one output (no list of pieces to join: that held the output twice).
+    y = x.new_empty(*x.shape[:-1], n)
+    for i in range(0, n, per):
+        y[..., i:i + per] = ops.linear(x, dequantize(q[i:i + per], scale[i:i + per], x.dtype),
+                                       None if bias is None else bias[i:i + per])
+    return y
 
 
 class Int8Linear(nn.Module):
