@@ -32,9 +32,8 @@ weights read per token x tokens/s, over a device-to-device copy measured in the 
 captioning throughput (images/s for --batch-sizes images x 32 new tokens, including prefill). transformers runs
 twice there: its default dynamic cache (`transformers`) and a static cache, which transformers compiles itself
 (`transformers-static`); ours runs eager (`ours`) and with the decode step compiled into a CUDA graph
-(`ours-compiled`). Warm-up generations (--warmup, default 1 on CUDA) absorb compilation; CUDA graphs in
-"reduce-overhead" mode are recorded on a function's second call and replayed from its third, so gpu_check.py warms
-the compiled runs twice.
+(`ours-compiled`). Warm-up generations (--warmup; `default_warmup`: 1 on CUDA, 2 for the compiled ones, whose
+CUDA graphs are recorded on a function's second call and replayed from its third) absorb compilation.
 
 GPU, one command (make the bf16 checkpoint, then all four implementations; ~6 min on an H100/H200):
 
@@ -65,6 +64,15 @@ from yardsticks import copy_bandwidth, gemv_bandwidth, projection_micro, read_ba
 REPO = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "SPEED_RESULT "
 PROMPT = "caption en"
+# Compiled with CUDA graphs ("reduce-overhead"), which are recorded on a function's second call and replayed from
+# its third: warmed twice by default, and measured at one batch size (each new shape compiles and records anew).
+COMPILED = ("ours-compiled", "transformers-static")
+
+
+def default_warmup(impl: str, device: str) -> int:
+    """Warm-up generations before timing when --warmup is not given: none on CPU (cold, as a user runs it); on
+    CUDA one (first calls compile / autotune), two for the COMPILED implementations."""
+    return 0 if device == "cpu" else 2 if impl in COMPILED else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +254,7 @@ def run_child(args) -> dict:
     if args.batch_sizes:
         # The compiled runs compile (and record CUDA graphs) once per shape: the first size listed only (the
         # largest by default), warmed as often as the batch-1 run was.
-        compiled = args.impl in ("transformers-static", "ours-compiled")
+        compiled = args.impl in COMPILED
         sizes = args.batch_sizes[:1] if compiled else args.batch_sizes
         for b in sizes:
             batch = _inputs(args.ckpt, b)
@@ -280,9 +288,9 @@ ABLATIONS = {
 def measure(args, impl: str, dtype: str, variant: str = "", extra: list[str] | None = None) -> dict | None:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--impl", impl, "--dtype", dtype,
            "--ckpt", args.ckpt, "--device", args.device, "--new-tokens", str(args.new_tokens),
-           "--threads", str(args.threads), "--warmup", str(args.warmup), "--variant", variant,
+           "--threads", str(args.threads), "--variant", variant,
            "--batch-sizes", ",".join(map(str, args.batch_sizes))]
-    cmd += extra or []
+    cmd += ([] if args.warmup is None else ["--warmup", str(args.warmup)]) + (extra or [])  # else the child's default
     label = f"[{impl}{' ' + variant if variant else ''} {dtype}]"
     print(f"{label} running ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds over every row; the table shows medians "
                     "(times, speeds) and maxima (memory)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up generations before timing "
-                    "(default 0 on CPU, 1 on CUDA)")
+                    "(default 0 on CPU; on CUDA 1, 2 for the compiled implementations)")
     ap.add_argument("--batch-sizes", default=None, help="batch-captioning throughput at these batch sizes x 32 new "
                     "tokens, in this order (default 64,32,8,1 on CUDA, none on CPU); transformers-static runs the "
                     "first only (it compiles per shape)")
@@ -330,9 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_sizes is None:
         args.batch_sizes = "" if args.device == "cpu" else "64,32,8,1"
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
-    if args.warmup is None:
-        args.warmup = 0 if args.device == "cpu" else 1
     if args.child:
+        if args.warmup is None:
+            args.warmup = default_warmup(args.impl, args.device)
         print(RESULT_PREFIX + json.dumps(run_child(args)), flush=True)
         return
     if args.make:
