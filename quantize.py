@@ -11,9 +11,9 @@ Scheme: for each output row w, scale = max|w| / 127 (float32; 1 for an all-zero 
 clamped to [-127, 127] (symmetric, no zero point). Kernels (`int8_linear`, measured in benchmarks/README.md):
 a few rows of activations (decode) go to `torch._weight_int8pack_mm` with bf16 activations, which reads the int8
 weights directly (its float32-activation variant is several times slower on every CPU measured); many rows
-(prefill, vision tower) dequantize the weight into a reused buffer in the activations' dtype and run the dense
-float matmul (`ops.linear`: oneDNN float32 on x86, or bf16 with AMX / AVX512-BF16), where the int8 kernel is no
-faster. Elsewhere than CPU the dequantize path runs.
+(prefill, vision tower) convert the int8 rows to the activations' dtype in a reused buffer, run the dense float
+matmul (`ops.linear`: oneDNN float32 on x86, or bf16 with AMX / AVX512-BF16), where the int8 kernel is no faster,
+and scale its output columns. Elsewhere than CPU the dequantize path runs.
 
 Saved layout (docs/quantized_checkpoint.md): one `model.safetensors` whose header metadata holds
 `paligemma_quantization` = FORMAT (JSON), with `<name>.weight` int8 (out, in) and `<name>.weight_scale` float32
@@ -50,11 +50,12 @@ FORMAT = {"method": "int8_weight_only", "granularity": "per_output_channel", "sc
 SCALE_SUFFIX = "_scale"  # <name>.weight -> <name>.weight_scale
 # Activation rows up to which the int8 kernel runs (decode, small batches); above it dequantize + dense matmul.
 INT8_KERNEL_MAX_ROWS = 16
-# The many-row path dequantizes this many bytes of weight rows at a time (output-feature blocks), so the float
+# The many-row path converts this many bytes of weight rows at a time (output-feature blocks), so the float
 # copy never exists whole: 134 MB in float32 for a 16384 x 2048 projection, 2.1 GB for the LM head — which would
-# put the peak RSS of an int8 model well above its weight bytes. As fast as whole-matrix dequantization
-# (benchmarks/README.md); each output column is the same dot product (up to the GEMM's summation order).
-DEQUANT_BLOCK_BYTES = 4 << 20
+# put the peak RSS of an int8 model well above its weight bytes. Smaller blocks make narrower GEMMs, which run
+# slower (benchmarks/README.md: 4 MB blocks cost ~10 % more than 8 or 16 MB at a 260-token prefill); each output
+# column is the same dot product (up to the GEMM's summation order).
+DEQUANT_BLOCK_BYTES = 8 << 20
 EMBED_NAME = "language_model.model.embed_tokens"
 
 
@@ -69,26 +70,43 @@ def check_method(quantize: str | None) -> str | None:
 # kernels and modules
 # ---------------------------------------------------------------------------------------------------------------
 
-def quantize_rows(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def row_absmax(w: torch.Tensor) -> torch.Tensor:
+    """max |w| of each row of a float32 (rows, K) matrix; NaN where a row holds NaN, inf where it holds an
+    infinity, so a finite result is also the proof that every value is finite. amax and amin per row are one
+    pass each, ~3x faster together than vector_norm(ord=inf) (benchmarks/README.md)."""
+    return torch.maximum(torch.amax(w, 1), torch.amin(w, 1).neg_())  # maximum propagates NaN
+
+
+def quantize_rows(w: torch.Tensor, out: torch.Tensor | None = None, amax: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row.
 
     out: an int8 (rows, K) tensor to write the result into. Then a float32 `w` is overwritten (used as the
     scratch for w / scale): loading quantizes ~12 GB of float32 chunk by chunk, and a fresh float32 temporary
-    plus an int8 one per chunk cost page faults and left the heap fragmented (peak RSS)."""
+    plus an int8 one per chunk cost page faults and left the heap fragmented (peak RSS).
+    amax: row_absmax(w) when the caller has it already (the loader computes it to check finiteness first)."""
     w = w.float()
-    amax = torch.linalg.vector_norm(w, float("inf"), dim=1)  # max |w| per row in one pass, no |w| temporary
+    amax = row_absmax(w) if amax is None else amax
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row: any scale is exact
+    # A subnormal max|w| would make a zero or imprecise scale: the smallest normal float keeps |w / scale| <= 127.
+    scale.clamp_(min=torch.finfo(torch.float32).tiny)
     scaled = torch.div(w, scale[:, None]) if out is None else w.div_(scale[:, None])
-    scaled.round_().clamp_(-127, 127)
+    # No clamp: |w| <= amax, so |w / scale| <= 127 up to float32 rounding (127.00003), which rounds to 127.
+    scaled.round_()
     return (scaled.to(torch.int8) if out is None else out.copy_(scaled)), scale
 
 
+def int8_as(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 (N, K) -> the same integers in dtype (exact: |q| <= 127 fits every float type), in ops' reused scratch
+    buffer (valid until its next use)."""
+    return ops.scratch(q.shape, dtype, q.device).copy_(q)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 (N, K) x scale (N,) -> (N, K) in dtype, in ops' reused scratch buffer (valid until its next use)."""
-    out = ops.scratch(q.shape, dtype, q.device)
-    # Convert (exact: |q| <= 127), then scale in place in out's own dtype: several times faster than
-    # torch.mul(q, scale, out=out), whose mixed-dtype loop is not vectorised (benchmarks/README.md).
-    return out.copy_(q).mul_(scale[:, None].to(dtype))
+    """int8 (N, K) x scale (N,) -> the float weights (N, K) in dtype, in ops' scratch buffer (as int8_as)."""
+    # Scale in place in the float copy: several times faster than torch.mul(q, scale, out=out), whose mixed-dtype
+    # loop is not vectorised (benchmarks/README.md).
+    return int8_as(q, dtype).mul_(scale[:, None].to(dtype))
 
 
 @functools.cache
@@ -124,16 +142,24 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
 
 def _dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
                         ) -> torch.Tensor:
-    """int8_linear's many-row path: dense matmuls over blocks of DEQUANT_BLOCK_BYTES of dequantized weight rows."""
+    """int8_linear's many-row path: dense matmuls of x with the int8 rows as floats, DEQUANT_BLOCK_BYTES of rows at
+    a time, each block's output columns scaled after the product. (x @ q.T) * scale is x @ (q * scale).T: the
+    scale multiplies rows x N outputs instead of N x K weights (8x fewer at a 260-token prefill, K = 2048), and
+    in bf16 the weights are the exact integers rather than rounded products."""
     n, k = q.shape
     per = max(1, DEQUANT_BLOCK_BYTES // (k * x.element_size()))  # output features per block
+    s = scale.to(x.dtype)
+
+    def block(i: int, j: int) -> torch.Tensor:
+        y = ops.linear(x, int8_as(q[i:j], x.dtype)).mul_(s[i:j])
+        return y if bias is None else y.add_(bias[i:j])
+
     if per >= n:
-        return ops.linear(x, dequantize(q, scale, x.dtype), bias)
+        return block(0, n)
     # Each block's columns are written into one output (no list of pieces to join: that held the output twice).
     y = x.new_empty(*x.shape[:-1], n)
     for i in range(0, n, per):
-        y[..., i:i + per] = ops.linear(x, dequantize(q[i:i + per], scale[i:i + per], x.dtype),
-                                       None if bias is None else bias[i:i + per])
+        y[..., i:i + per] = block(i, i + per)
     return y
 
 
@@ -227,10 +253,12 @@ def _quantize_stored(reader: weights.ShardReader, key: str, shape: torch.Size) -
     offset = reader.offset(key)
     for start in range(0, n, per):
         m = min(per, n - start)
-        rows = reader.read_bytes(offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k)
-        weights.check_finite(rows, f"{reader.name}: tensor {key}", src)  # NaN would make a NaN scale
+        rows = reader.read_bytes(offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k).float()
+        amax = row_absmax(rows)
+        if not bool(torch.isfinite(amax).all()):  # NaN would make a NaN scale; check_finite names what it found
+            weights.check_finite(rows, f"{reader.name}: tensor {key}", src)
         # Into q's rows directly; the float rows are the staging buffer's, free to overwrite.
-        scale[start:start + m] = quantize_rows(rows, out=q[start:start + m])[1]
+        scale[start:start + m] = quantize_rows(rows, out=q[start:start + m], amax=amax)[1]
     return q, scale
 
 

@@ -42,6 +42,12 @@ def _nan_in_a_matrix(shards):
     return f"tensor {key} holds NaN"
 
 
+def _infinity_in_a_matrix(shards):
+    tensors, key = _first(shards, lambda k, t: k.endswith("proj.weight"))
+    tensors[key][-1, -1] = -float("inf")
+    return f"tensor {key} holds an infinite value"
+
+
 def _wrong_shape(shards):
     tensors, key = _first(shards, lambda k, t: t.ndim == 2)
     tensors[key] = torch.zeros(tensors[key].shape[0] + 1, tensors[key].shape[1])
@@ -50,7 +56,7 @@ def _wrong_shape(shards):
 
 @pytest.mark.parametrize("quantize_as", [None, "int8"])
 @pytest.mark.parametrize("damage", [_tied_head_of_wrong_shape, _same_tensor_in_both_layouts, _nan_in_a_matrix,
-                                    _wrong_shape])
+                                    _infinity_in_a_matrix, _wrong_shape])
 def test_both_loaders_refuse_a_damaged_float_checkpoint_alike(ckpt, tmp_path, damage, quantize_as):
     dst = tmp_path / "ckpt"
     shutil.copytree(ckpt, dst)

@@ -39,6 +39,25 @@ def test_quantize_rows_round_trip_within_half_a_step():
     assert bool(((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all())
 
 
+def test_quantize_rows_keeps_subnormal_rows_in_range():
+    # A row whose max |w| is subnormal: amax / 127 would underflow to zero or lose its precision, and w / scale
+    # would overflow int8. The scale is held at the smallest normal float instead.
+    w = torch.tensor([[1e-44, -3e-45, 0.0], [1.0, -0.5, 0.25]])  # 1e-44 / 127 is 0 in float32
+    q, scale = quantize.quantize_rows(w)
+    assert bool(torch.isfinite(scale).all() & (scale > 0).all())
+    assert q.abs().max() <= 127 and q[1].tolist() == [127, -64, 32]
+    assert bool(((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-45).all())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_row_absmax_shows_every_non_finite_value(value):
+    w = torch.randn(4, 33)
+    w[2, 17] = value
+    amax = quantize.row_absmax(w)
+    assert bool(torch.isfinite(amax[[0, 1, 3]]).all()) and not bool(torch.isfinite(amax[2]))
+    assert torch.equal(amax[[0, 1, 3]], w[[0, 1, 3]].abs().amax(1))
+
+
 @pytest.mark.parametrize("rows", [1, 5, 40])  # the int8 kernel (few rows) and the dequantize path (many)
 def test_int8_linear_is_the_dequantized_product(rows):
     g = torch.Generator().manual_seed(rows)
@@ -59,8 +78,8 @@ def test_many_row_path_in_blocks_is_the_whole_matrix_product(monkeypatch, block_
     x, bias = torch.randn(3, 40, 64, generator=g), torch.randn(48, generator=g)
     whole = ops.linear(x, quantize.dequantize(q, scale, x.dtype), bias).clone()
     calls = []
-    real = quantize.dequantize
-    monkeypatch.setattr(quantize, "dequantize", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = quantize.int8_as
+    monkeypatch.setattr(quantize, "int8_as", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     monkeypatch.setattr(quantize, "DEQUANT_BLOCK_BYTES", block_rows * 64 * x.element_size())
     got = quantize.int8_linear(x, q, scale, bias)
     assert calls == [min(block_rows, 48 - i) for i in range(0, 48, block_rows)]  # never more rows than a block
