@@ -71,26 +71,26 @@ def check_method(quantize: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def row_absmax(w: torch.Tensor) -> torch.Tensor:
-    """max |w| of each row of a float32 (rows, K) matrix; NaN where a row holds NaN, inf where it holds an
-    infinity, so a finite result is also the proof that every value is finite. amax and amin per row are one
+    """max |w| of each row of a float (rows, K) matrix, as float32; NaN where a row holds NaN, inf where it holds
+    an infinity, so a finite result is also the proof that every value is finite. amax and amin per row are one
     pass each, ~3x faster together than vector_norm(ord=inf) (benchmarks/README.md)."""
-    return torch.maximum(torch.amax(w, 1), torch.amin(w, 1).neg_())  # maximum propagates NaN
+    return torch.maximum(torch.amax(w, 1), torch.amin(w, 1).neg_()).float()  # maximum propagates NaN
 
 
-def quantize_rows(w: torch.Tensor, out: torch.Tensor | None = None, amax: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row.
+def quantize_rows(w: torch.Tensor, out: torch.Tensor | None = None, amax: torch.Tensor | None = None,
+                  work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, K) float -> (int8 (rows, K), float32 scale (rows,)), symmetric per row. w is never written (the
+    loader passes read-only views of a file's memory map).
 
-    out: an int8 (rows, K) tensor to write the result into. Then a float32 `w` is overwritten (used as the
-    scratch for w / scale): loading quantizes ~12 GB of float32 chunk by chunk, and a fresh float32 temporary
-    plus an int8 one per chunk cost page faults and left the heap fragmented (peak RSS).
-    amax: row_absmax(w) when the caller has it already (the loader computes it to check finiteness first)."""
-    w = w.float()
+    out: an int8 (rows, K) tensor to write the result into; work: a float32 (rows, K) scratch for w / scale.
+    Loading quantizes ~12 GB of float32 chunk by chunk, and fresh temporaries per chunk cost page faults and left
+    the heap fragmented (peak RSS). amax: row_absmax(w) when the caller has it already (the loader computes it to
+    check finiteness first)."""
     amax = row_absmax(w) if amax is None else amax
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))  # an all-zero row: any scale is exact
     # A subnormal max|w| would make a zero or imprecise scale: the smallest normal float keeps |w / scale| <= 127.
     scale.clamp_(min=torch.finfo(torch.float32).tiny)
-    scaled = torch.div(w, scale[:, None]) if out is None else w.div_(scale[:, None])
+    scaled = torch.div(w.float(), scale[:, None]) if work is None else torch.div(w, scale[:, None], out=work)
     # No clamp: |w| <= amax, so |w / scale| <= 127 up to float32 rounding (127.00003), which rounds to 127.
     scaled.round_()
     return (scaled.to(torch.int8) if out is None else out.copy_(scaled)), scale
@@ -243,22 +243,26 @@ def is_int8_checkpoint(model_path: str | os.PathLike) -> bool:
 
 
 def _quantize_stored(reader: weights.ShardReader, key: str, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stored float matrix -> (int8, scale), read in row chunks of one staging buffer: the float matrix (2.1 GB
-    for the float32 embedding) never exists whole in memory."""
+    """A stored float matrix -> (int8, scale), read in row chunks of the shard's memory map: the float matrix (2.1
+    GB for the float32 embedding) never exists whole in memory."""
     src = weights.FLOAT_DTYPES[reader.header[key]["dtype"]]
     n, k = shape
     q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
     row_bytes = k * src.itemsize
-    per = max(1, reader.staging.numel() // row_bytes)
+    per = max(1, reader.chunk_bytes // row_bytes)
     offset = reader.offset(key)
     for start in range(0, n, per):
         m = min(per, n - start)
-        rows = reader.read_bytes(offset + start * row_bytes, m * row_bytes, key).view(src).view(m, k).float()
+        at, nbytes = offset + start * row_bytes, m * row_bytes
+        rows = reader.read_bytes(at, nbytes, key, src.itemsize).view(src).view(m, k)
         amax = row_absmax(rows)
         if not bool(torch.isfinite(amax).all()):  # NaN would make a NaN scale; check_finite names what it found
             weights.check_finite(rows, f"{reader.name}: tensor {key}", src)
-        # Into q's rows directly; the float rows are the staging buffer's, free to overwrite.
-        scale[start:start + m] = quantize_rows(rows, out=q[start:start + m], amax=amax)[1]
+        # w / scale in ops' reused float32 scratch (the many-row matmuls reuse it later): a fresh 16 MB buffer per
+        # tensor fragmented the heap (+100 MB peak).
+        work = ops.scratch(torch.Size((m, k)), torch.float32, torch.device("cpu"))
+        scale[start:start + m] = quantize_rows(rows, out=q[start:start + m], amax=amax, work=work)[1]
+        reader.release(at, nbytes)
     return q, scale
 
 

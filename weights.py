@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import stat
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,56 +131,87 @@ FLOAT_DTYPES = {
 _ITEMSIZE = {"I8": 1, **{name: dt.itemsize for name, dt in FLOAT_DTYPES.items()}}
 
 
+# Dropping a read chunk's pages from our memory map (they stay in the page cache); None where the platform's
+# mmap has no madvise (Windows): the pages then stay mapped until the shard closes.
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+
+
 class ShardReader:
-    """Reads tensors of one safetensors file by explicit file reads into a reused staging buffer.
+    """Reads tensors of one safetensors file through a read-only memory map of its own, a chunk at a time,
+    dropping each chunk's pages from the map once used.
 
     Used when the stored dtype or device differs from the target, and by quantize.py to quantize while reading.
-    Converting through safetensors' zero-copy slices would fault the whole float32 shard into this process's
-    memory map (counted in RSS until the file closes, so a float32 checkpoint loaded as bf16 would peak far above
-    the bf16 weights). Plain reads keep the peak at the converted weights plus one staging buffer.
+    Converting through safetensors' zero-copy slices would leave the whole float32 shard mapped into this process
+    (counted in RSS until the file closes, so a float32 checkpoint loaded as bf16 would peak far above the bf16
+    weights). Releasing each chunk (madvise MADV_DONTNEED) keeps the peak at the converted weights plus a chunk,
+    and the conversion reads the page cache directly: no copy through a staging buffer, whose single-threaded
+    reads cost ~2 s of a bf16 load of the 3B float32 checkpoint (benchmarks/README.md).
     """
+
+    chunk_bytes = _CHUNK_BYTES
 
     def __init__(self, path: Path):
         self.name = path.name
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        header_len = int.from_bytes(self.file.read(8), "little")
-        self.header = json.loads(self.file.read(header_len))
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            self.header = json.loads(f.read(header_len))
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # valid after the file object closes
         self.data_start = 8 + header_len  # data_offsets are relative to the end of the header
-        self.staging = torch.empty(_CHUNK_BYTES, dtype=torch.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "the buffer is not writable": nothing writes into it
+            self.bytes: torch.Tensor | None = torch.frombuffer(self.map, dtype=torch.uint8)
+        self._aligned: torch.Tensor | None = None  # staging for bytes that start misaligned (read_bytes)
 
     def offset(self, key: str) -> int:
         """Where tensor `key`'s bytes start in the file."""
         return self.data_start + self.header[key]["data_offsets"][0]
 
-    def read_bytes(self, offset: int, nbytes: int, key: str) -> torch.Tensor:
-        """nbytes (at most the staging buffer's size) of the file from offset, as the staging buffer's first
-        nbytes: valid until the next read. key names the tensor in the error for a file that ends early."""
-        buf = memoryview(self.staging.numpy())
-        self.file.seek(offset)
-        got = 0
-        while got < nbytes:  # raw reads may return short
-            r = self.file.readinto(buf[got:nbytes])
-            if not r:
-                raise CheckpointError(f"{self.name} ends inside tensor {key}; re-download it")
-            got += r
-        return self.staging[:nbytes]
+    def read_bytes(self, offset: int, nbytes: int, key: str, itemsize: int) -> torch.Tensor:
+        """nbytes (at most chunk_bytes) of the file from offset, to be viewed as a dtype of itemsize bytes: a
+        READ-ONLY view of the map (never write into it), or, where offset is not a multiple of itemsize (the
+        format does not promise aligned data), a copy in a staging buffer valid until the next call. key names
+        the tensor in the error for a file that ends early. release() the range once used."""
+        chunk = self.bytes[offset:offset + nbytes]
+        if chunk.numel() < nbytes:
+            raise CheckpointError(f"{self.name} ends inside tensor {key}; re-download it")
+        if offset % itemsize:
+            if self._aligned is None:
+                self._aligned = torch.empty(self.chunk_bytes, dtype=torch.uint8)
+            chunk = self._aligned[:nbytes].copy_(chunk)
+        return chunk
+
+    def release(self, offset: int, nbytes: int) -> None:
+        """Drop the map's pages under [offset, offset + nbytes) from this process. Safe for pages still to be
+        read (a neighbouring chunk's): a read-only file mapping pages them in again from the page cache."""
+        if _MADV_DONTNEED is None:
+            return
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(self.map), -(-(offset + nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if end > start:
+            self.map.madvise(_MADV_DONTNEED, start, end - start)
 
     def read(self, key: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Float tensor `key` converted to dtype on device, one staging buffer at a time."""
+        """Float tensor `key` converted to dtype on device, one chunk at a time."""
         src_dtype = FLOAT_DTYPES[self.header[key]["dtype"]]
         out = torch.empty(self.header[key]["shape"], dtype=dtype, device=device)
         flat = out.view(-1)
-        per_chunk = _CHUNK_BYTES // src_dtype.itemsize
+        per_chunk = self.chunk_bytes // src_dtype.itemsize
         offset = self.offset(key)
         for start in range(0, flat.numel(), per_chunk):
             n = min(per_chunk, flat.numel() - start)
-            chunk = self.read_bytes(offset + start * src_dtype.itemsize, n * src_dtype.itemsize, key)
+            at, nbytes = offset + start * src_dtype.itemsize, n * src_dtype.itemsize
+            chunk = self.read_bytes(at, nbytes, key, src_dtype.itemsize)
             # safetensors stores little-endian data, which is every platform torch runs on.
             flat[start:start + n].copy_(chunk.view(src_dtype))
+            self.release(at, nbytes)
         return out
 
     def close(self) -> None:
-        self.file.close()
+        self.bytes = None
+        try:
+            self.map.close()
+        except BufferError:  # a chunk view is still alive (an error's traceback): the map closes when it goes
+            pass
 
 
 def check_finite(t: torch.Tensor, what: str, stored_as: torch.dtype) -> None:
@@ -201,7 +234,7 @@ def check_finite(t: torch.Tensor, what: str, stored_as: torch.dtype) -> None:
 
 class Shard:
     """One open weight file, as the loop hands it to a policy: `file` (safe_open, for zero-copy views) and
-    `reader()` (a ShardReader opened on first use, so a shard read only as views never allocates its buffer)."""
+    `reader()` (a ShardReader opened on first use: a shard read only as views is not mapped twice)."""
 
     def __init__(self, path: Path, file: Any):
         self.path, self.file = path, file
@@ -236,7 +269,7 @@ class StoredTensor:
 
 def read_float(t: StoredTensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A stored float tensor as `dtype` on `device`, checked finite: a zero-copy view of the file's memory map
-    when nothing changes (paged in on first use), else converted through the shard's staging buffer."""
+    when nothing changes (paged in on first use), else converted chunk by chunk by the shard's reader."""
     stored = FLOAT_DTYPES[t.dtype]
     if stored == dtype and device.type == "cpu":
         out = t.shard.file.get_tensor(t.key)

@@ -235,3 +235,27 @@ def test_symlinked_shard_loads(broken, tmp_path):
     model, _ = load_hf_model(path, "cpu")
     sd = model.state_dict()
     assert all(torch.equal(sd[canonical_key(k)], v) for k, v in tensors.items() if canonical_key(k) is not None)
+
+
+def test_shard_reader_converts_misaligned_data_and_releases_its_map(tmp_path, monkeypatch):
+    # The safetensors format does not promise 4-byte-aligned data: a writer that does not pad its header leaves
+    # every float32 tensor at an odd offset, which the reader copies aligned before viewing it as float32.
+    import weights
+
+    a, b = torch.randn(3, 5), torch.randn(1000)
+    header = {"a": {"dtype": "F32", "shape": [3, 5], "data_offsets": [0, 60]},
+              "b": {"dtype": "F32", "shape": [1000], "data_offsets": [60, 4060]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (5 - len(raw) % 4)  # 8 + len(raw) is 1 mod 4: data starts misaligned
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + a.numpy().tobytes() + b.numpy().tobytes())
+    monkeypatch.setattr(weights.ShardReader, "chunk_bytes", 256)  # several chunks per tensor
+    released = []
+    reader = weights.ShardReader(path)
+    monkeypatch.setattr(reader, "release", lambda at, n: released.append((at, n)))
+    assert reader.data_start % 4 == 1
+    assert torch.equal(reader.read("a", torch.float32, torch.device("cpu")), a)
+    assert torch.equal(reader.read("b", torch.bfloat16, torch.device("cpu")), b.to(torch.bfloat16))
+    # every byte of both tensors was released once read
+    assert sum(n for _, n in released) == 4060 and released[0][0] == reader.data_start
+    reader.close()
