@@ -1,8 +1,8 @@
 """Reading a checkpoint's safetensors weights into a model built on the meta device: which files (the index, or
 `model.safetensors`), each file checked to be a readable regular file named inside the checkpoint directory,
 every key mapped onto our module names (legacy and transformers-5 layouts), every shape and dtype checked,
-every tensor checked to be finite, and float32 -> bf16 (or host -> GPU) conversion through one small staging
-buffer, so peak memory stays near one copy of the weights. Pickled `*.bin` checkpoints are refused.
+every tensor checked to be finite, and float32 -> bf16 (or host -> GPU) conversion a chunk at a time from the
+file's memory map, so peak memory stays near one copy of the weights. Pickled `*.bin` checkpoints are refused.
 
 One loop (load_checkpoint) does this for every loader; a LoadPolicy supplies what differs per loader: how a
 file's key maps to our name, which stored dtypes it reads, and what a stored tensor becomes. load_weights uses the
@@ -32,10 +32,10 @@ from torch import nn
 from configuration_paligemma import CheckpointError
 from modeling_gemma import PaliGemmaForConditionalGeneration
 
-# Converting a float32 checkpoint to bf16 (or copying to a GPU, or quantizing to int8) reads through one staging
-# buffer of this many bytes, so the 2.1 GB float32 embedding never exists in host memory beside its converted
-# copy. Small, since it is alive when the peak is reached (the last shard's last tensors): int8's peak RSS is
-# within 15 % of its weights only with a small one. Loads measured as fast as with 64 MB (benchmarks/README.md).
+# Converting a float32 checkpoint to bf16 (or copying to a GPU, or quantizing to int8) maps this many bytes of the
+# file at a time (ShardReader), so the 2.1 GB float32 embedding never exists in host memory beside its converted
+# copy. Small, since a chunk is mapped when the peak is reached (the last shard's last tensors): int8's peak RSS
+# is within 15 % of its weights only with a small one. Loads measured as fast as with 64 MB (benchmarks/README.md).
 _CHUNK_BYTES = 16 << 20
 
 
