@@ -2,14 +2,16 @@
 
     python benchmarks/cold_start.py --ckpt /tmp/pg-3b-224-f32 --repeat 2
 
-What a user waits for: each run is a FRESH Python process that imports the library, builds the prompt (one image +
-"caption en", 260 tokens), loads the checkpoint, and generates exactly --new-tokens (default 20) greedy tokens
-(EOS ignored), with --threads threads. The clock starts when the parent spawns the process, so the total includes
-interpreter start-up and imports. Reported next to the total: start (spawn -> imports and prompt ready), load
-(checkpoint -> model ready; ours as the CLI loads: bf16 packed where it pays, int8 quantized from the float
-checkpoint), TTFT (vision tower + prefill + first token), decode tokens/s after the first, peak RSS over the
-bytes of the loaded weights, the decode's share of the DRAM read ceiling (decoder + LM-head bytes per token x
-tokens/s over a 2 GB streaming read measured after the runs), and how many leading greedy tokens equal those of
+What a user waits for: each run is a FRESH Python process that imports torch, loads what a user of that library
+loads to caption an image, turns the prompt (one image + "caption en", 260 tokens) into inputs with it, and
+generates exactly --new-tokens (default 20) greedy tokens (EOS ignored), with --threads threads. The clock starts
+when the parent spawns the process, so the total includes interpreter start-up and imports. Reported next to the
+total: start (spawn -> torch imported), load (ours: `load_hf_model`, the model and its tokenizer, as the CLI loads:
+bf16 packed where it pays, int8 quantized from the float checkpoint; transformers: the model's `from_pretrained`
+and `AutoProcessor.from_pretrained`), inputs (each side's processor on the image and prompt: the same ids and
+pixels up to float rounding), TTFT (vision tower + prefill + first token), decode tokens/s after the first, peak
+RSS over the bytes of the loaded weights, the decode's share of the DRAM read ceiling (decoder + LM-head bytes per
+token x tokens/s over a 2 GB streaming read measured after the runs), and how many leading greedy tokens equal those of
 the first run listed (ours float32 by default). The page cache holds the checkpoint after the first run: "cold"
 means a new process, not a cold disk.
 
@@ -45,23 +47,25 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_b
 
 
 def _load(impl: str, dtype: str, ckpt: str):
-    """-> (model, gen(inputs, n, clock) -> ids). Ours as the CLI loads; transformers through from_pretrained."""
+    """-> (model, processor(images) -> inputs, gen(inputs, n, clock) -> ids): what a user of each side loads.
+    Ours: load_hf_model (model + tokenizer) and our processor; transformers: from_pretrained and AutoProcessor."""
     import speed
     import torch
 
     if impl == "ours":
         import utils
-        from generation import generate_ids
+        from generation import generate_ids, make_processor
 
         quant = "int8" if dtype.startswith("int8") else None  # int8-saved: --ckpt is the saved int8 one
-        model, _ = utils.load_hf_model(ckpt, "cpu", None if quant else dtype, progress=False, pack=None,
-                                       quantize=quant)
+        model, tok = utils.load_hf_model(ckpt, "cpu", None if quant else dtype, progress=False, pack=None,
+                                         quantize=quant)
+        proc = make_processor(model, tok)
 
         def gen(inputs, n, clock):
             return generate_ids(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
                                 max_new_tokens=n, eos_token_ids=[], on_token=lambda _t: clock.first())
 
-        return model, gen
+        return model, lambda images: proc(text=[speed.PROMPT] * len(images), images=images), gen
     extra = {}
     if impl == "transformers-torchao":
         from torchao.quantization import Int8WeightOnlyConfig
@@ -69,8 +73,12 @@ def _load(impl: str, dtype: str, ckpt: str):
 
         extra = {"quantization_config": TorchAoConfig(Int8WeightOnlyConfig())}
         dtype = "bfloat16"
-    return speed._theirs(argparse.Namespace(impl="transformers", ckpt=ckpt), torch.device("cpu"),
-                         getattr(torch, dtype), load_kwargs=extra)
+    model, gen = speed._theirs(argparse.Namespace(impl="transformers", ckpt=ckpt), torch.device("cpu"),
+                               getattr(torch, dtype), load_kwargs=extra)
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(ckpt)
+    return model, lambda images: proc(text=[speed.PROMPT] * len(images), images=images, return_tensors="pt"), gen
 
 
 def run_child(args) -> dict:
@@ -80,10 +88,12 @@ def run_child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    inputs = speed._inputs(args.ckpt)
+    images = speed.benchmark_images(1)  # stands for the user's image file (numpy and PIL imported here)
     t_ready = time.time()
-    model, gen = _load(args.impl, args.dtype, args.ckpt)
+    model, processor, gen = _load(args.impl, args.dtype, args.ckpt)
     t_loaded = time.time()
+    inputs = processor(images)
+    t_inputs = time.time()
     clock = speed._Clock(torch.device("cpu"))
     clock.start()
     ids = gen(inputs, args.new_tokens, clock)
@@ -91,8 +101,8 @@ def run_child(args) -> dict:
     first = clock.t_first - clock.t0  # perf_counter seconds; converted to wall time below
     return {
         "impl": args.impl, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "start_s": t_ready - args.spawned, "load_s": t_loaded - t_ready, "ttft_s": first,
-        "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first),
+        "start_s": t_ready - args.spawned, "load_s": t_loaded - t_ready, "inputs_s": t_inputs - t_loaded,
+        "ttft_s": first, "decode_tok_s": (args.new_tokens - 1) / (t_end - clock.t_first),
         "total_s": time.time() - args.spawned, "ids": ids[0].tolist(),
         "weight_bytes": speed.weight_bytes(model), "decode_bytes": speed.weight_bytes(model, speed.is_decoder),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -115,7 +125,8 @@ def measure(args, impl: str, dtype: str) -> dict | None:
     if r is None:
         return None
     r["loadavg"] = os.getloadavg()[0]
-    print(f"{label} total {r['total_s']:.1f}s = start {r['start_s']:.1f} + load {r['load_s']:.1f} + TTFT "
+    print(f"{label} total {r['total_s']:.1f}s = start {r['start_s']:.1f} + load {r['load_s']:.1f} + inputs "
+          f"{r['inputs_s']:.2f} + TTFT "
           f"{r['ttft_s']:.2f} + decode {args.new_tokens - 1} x 1/{r['decode_tok_s']:.2f}; peak RSS "
           f"{r['peak_rss'] / GB:.2f} GB (weights {r['weight_bytes'] / GB:.2f} GB)", file=sys.stderr, flush=True)
     return r
@@ -143,7 +154,8 @@ def format_table(rows: list[dict], read_bw: float, new_tokens: int) -> str:
     best_total = min((r["total_s"] for r in hf), default=None)
     hf_bf16 = next((r for r in hf if r["dtype"] == "bfloat16"), None)
     ref_ids = rows[0]["ids"]
-    head = ("| impl | dtype | total s | start s | load s | TTFT s | decode tok/s | total / HF best | TTFT / HF bf16 "
+    head = ("| impl | dtype | total s | start s | load s | inputs s | TTFT s | decode tok/s | total / HF best "
+            "| TTFT / HF bf16 "
             f"| decode / HF bf16 | peak RSS GB | RSS / weights | % of decode ceiling | tokens = {rows[0]['impl']} "
             f"{rows[0]['dtype']} |")
     out = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -151,7 +163,7 @@ def format_table(rows: list[dict], read_bw: float, new_tokens: int) -> str:
         same = next((i for i, (a, b) in enumerate(zip(r["ids"], ref_ids, strict=True)) if a != b), len(ref_ids))
         out.append("| " + " | ".join([
             r["impl"], r["dtype"], f"{r['total_s']:.1f}", f"{r['start_s']:.1f}", f"{r['load_s']:.1f}",
-            f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}",
+            f"{r['inputs_s']:.2f}", f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.2f}",
             f"{r['total_s'] / best_total:.2f}" if best_total else "",
             f"{r['ttft_s'] / hf_bf16['ttft_s']:.2f}" if hf_bf16 else "",
             f"{r['decode_tok_s'] / hf_bf16['decode_tok_s']:.2f}" if hf_bf16 else "",
@@ -195,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
             r = measure(args, impl, dtype)
             if r:
                 runs[(impl, dtype)].append(r)
-    rows = [median_row(rs, ("total_s", "start_s", "load_s", "ttft_s", "decode_tok_s")) for rs in runs.values() if rs]
+    rows = [median_row(rs, ("total_s", "start_s", "load_s", "inputs_s", "ttft_s", "decode_tok_s"))
+            for rs in runs.values() if rs]
     if not rows:
         sys.exit("every run failed; see above")
     import torch

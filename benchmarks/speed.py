@@ -81,9 +81,6 @@ def default_warmup(impl: str, device: str) -> int:
 
 def _inputs(ckpt: str, batch: int = 1) -> dict:
     """Token ids, mask and pixels of the benchmark prompt, built by our processor (identical for both impls)."""
-    import numpy as np
-    from PIL import Image
-
     sys.path.insert(0, str(REPO))
     import utils
     from processing_paligemma import PaliGemmaProcessor
@@ -92,9 +89,16 @@ def _inputs(ckpt: str, batch: int = 1) -> dict:
     tok = utils.load_tokenizer(ckpt, config)
     vc = config.vision_config
     proc = PaliGemmaProcessor(tok, vc.num_image_tokens, vc.image_size)
+    return proc(text=[PROMPT] * batch, images=benchmark_images(batch))
+
+
+def benchmark_images(batch: int = 1) -> list:
+    """The benchmark's images: 320 x 240 RGB noise, the same every run."""
+    import numpy as np
+    from PIL import Image
+
     rng = np.random.default_rng(0)
-    images = [Image.fromarray((rng.random((240, 320, 3)) * 255).astype("uint8")) for _ in range(batch)]
-    return proc(text=[PROMPT] * batch, images=images)
+    return [Image.fromarray((rng.random((240, 320, 3)) * 255).astype("uint8")) for _ in range(batch)]
 
 
 class _Clock:
