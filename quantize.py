@@ -7,10 +7,11 @@ of the bytes a decoded token reads), and its per-row scale is at once the LM hea
 the lookup's per-token scale, so one int8 copy serves both. Norms, biases, the patch convolution and the vision
 position embedding stay in the model's float dtype (under 0.1 % of the parameters).
 
-Scheme: for each output row w, scale = max|w| / 127 (float32; 1 for an all-zero row) and q = round(w / scale)
-clamped to [-127, 127] (symmetric, no zero point). Kernels (`int8_linear`, measured in benchmarks/README.md):
-a few rows of activations (decode) go to `torch._weight_int8pack_mm` with bf16 activations, which reads the int8
-weights directly (its float32-activation variant is several times slower on every CPU measured); many rows
+Scheme: for each output row w, scale = max|w| / 127 (float32; 1 for an all-zero row; at least float32's smallest
+normal number) and q = round(w / scale), within [-127, 127] (symmetric, no zero point). Kernels (`int8_linear`,
+measured in benchmarks/README.md): a few rows of activations (decode) go to `torch._weight_int8pack_mm` with bf16
+activations, which reads the int8 weights directly (its float32-activation variant is several times slower on
+every CPU measured); many rows
 (prefill, vision tower) convert the int8 rows to the activations' dtype in a reused buffer, run the dense float
 matmul (`ops.linear`: oneDNN float32 on x86, or bf16 with AMX / AVX512-BF16), where the int8 kernel is no faster,
 and scale its output columns. Elsewhere than CPU the dequantize path runs.

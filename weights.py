@@ -32,13 +32,6 @@ from torch import nn
 from configuration_paligemma import CheckpointError
 from modeling_gemma import PaliGemmaForConditionalGeneration
 
-# Converting a float32 checkpoint to bf16 (or copying to a GPU, or quantizing to int8) maps this many bytes of the
-# file at a time (ShardReader), so the 2.1 GB float32 embedding never exists in host memory beside its converted
-# copy. Small, since a chunk is mapped when the peak is reached (the last shard's last tensors): int8's peak RSS
-# is within 15 % of its weights only with a small one. Loads measured as fast as with 64 MB (benchmarks/README.md).
-_CHUNK_BYTES = 16 << 20
-
-
 # Newer transformers save `model.<part>.*` (and no `.model.` level under the language model); map them onto the
 # hub's legacy names, which are our module paths. Tied `lm_head.weight` copies are skipped without reading.
 _NEW_PREFIXES = (
@@ -148,7 +141,11 @@ class ShardReader:
     reads cost ~2 s of a bf16 load of the 3B float32 checkpoint (benchmarks/README.md).
     """
 
-    chunk_bytes = _CHUNK_BYTES
+    # Converting a float32 checkpoint to bf16 (or copying to a GPU, or quantizing to int8) maps this many bytes of
+    # the file at a time, so the 2.1 GB float32 embedding never exists in host memory beside its converted copy.
+    # Small, since a chunk is mapped when the peak is reached (the last shard's last tensors): int8's peak RSS is
+    # within 15 % of its weights only with a small one. Loads measured as fast as with 64 MB (benchmarks/README.md).
+    chunk_bytes = 16 << 20
 
     def __init__(self, path: Path):
         self.name = path.name
