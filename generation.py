@@ -98,7 +98,9 @@ def sample_next_token(
         return logits.argmax(dim=-1)
     # Shifted so the best logit is 0 before dividing: every value is then <= 0, and a tiny temperature sends the
     # others to -inf instead of overflowing to inf - inf = NaN in the softmax (the same distribution otherwise).
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    # A temperature that rounds to 0 in float32 (below ~1e-45) is taken as float32's smallest normal value, which
+    # leaves only the best token(s), as greedy: 0 / 0 would make the best logit NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -226,6 +228,10 @@ def generate_ids(
     pixel_values = pixel_values.to(device)
     B, T = input_ids.shape
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    if not bool(attention_mask[:, -1].all()):
+        # The first new token is read at the last position: a right-padded row would continue from a pad.
+        raise ValueError("attention_mask ends in 0 on some row: generation needs LEFT padding (every row's last "
+                         "token real); PaliGemmaProcessor pads on the left")
     cfg = model.config
     max_pos = cfg.text_config.max_position_embeddings
     if T + n_new > max_pos:
@@ -238,7 +244,12 @@ def generate_ids(
     generator = None
     if sampling.do_sample:
         generator = torch.Generator(device=device)
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        # No seed: a fresh non-deterministic one for this generator alone (torch.seed() would reseed the caller's
+        # global RNG as a side effect).
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
 
     # The compiled step needs a cache with a fixed address, which the model keeps for reuse.
     cache = model.new_kv_cache(B, T + n_new, reuse=compile)

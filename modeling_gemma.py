@@ -348,8 +348,12 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         """Token embeddings with the image features placed at the <image> positions. (B, T, D)"""
         embed_tokens = self.language_model.model.embed_tokens
         is_image = input_ids == self.config.image_token_index
-        # <image> may lie beyond the embedding rows in a custom vocab; its row is replaced below anyway.
-        x = embed_tokens(input_ids.masked_fill(is_image, 0)).to(compute_dtype or self.dtype)
+        # <image> may lie beyond the embedding rows (a custom vocab): look up row 0 there, replaced below anyway.
+        # Inside the vocabulary (every released checkpoint) its own row is looked up, as transformers does: a
+        # generated <image> token, with no pixel_values, is then embedded as any other token, not as row 0.
+        beyond_vocab = self.config.image_token_index >= self.config.text_config.vocab_size
+        ids = input_ids.masked_fill(is_image, 0) if beyond_vocab else input_ids
+        x = embed_tokens(ids).to(compute_dtype or self.dtype)
         # Gemma scales text embeddings by sqrt(hidden), with the multiplier rounded to the activation dtype
         # first (45.25 in bf16 for 2048), exactly as the reference does.
         x = x * torch.tensor(math.sqrt(self.config.text_config.hidden_size), dtype=x.dtype, device=x.device)
@@ -363,7 +367,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
                 )
             # Image features enter unscaled, as in big_vision (transformers' older divide-then-multiply by
             # sqrt(hidden) is the same up to rounding). Row-major fill matches "<image> x N per sample" order.
-            x = x.masked_scatter(is_image[..., None], feats)
+            # feats.to: under torch.autocast (bf16 fine-tuning) the projector returns bf16 while x stays float32.
+            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
         return x
 
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, kv_cache=None, input_pos=None,
@@ -434,6 +439,11 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if not torch.compiler.is_compiling():  # compiled decode steps come from generate_ids, already checked
             self.check_inputs(input_ids, pixel_values, attention_mask, kv_cache, input_pos, position_ids,
                               token_type_ids, labels)
+        if labels is not None and token_type_ids is None and prefix_len is None:
+            # Without them the whole sequence, suffix included, would be one bidirectional block: every position
+            # would see the tokens it is trained to predict (a near-zero loss that teaches nothing).
+            raise ValueError("labels need token_type_ids (1 on the suffix) or prefix_len, so the suffix attends "
+                             "causally; PaliGemmaProcessor(..., suffix=...) returns them")
         prefix_mask = None
         if token_type_ids is not None:
             if kv_cache is not None:

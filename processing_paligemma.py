@@ -42,7 +42,7 @@ def check_prompt(prompt: object, name: str = "prompt") -> str:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: argv bytes that were not UTF-8, decoded with surrogateescape
         raise ProcessorError(f"{name} holds bytes that are not valid UTF-8 text (at character {e.start}); give the "
-                             "prompt as UTF-8 text") from None
+                             f"{name} as UTF-8 text") from None
     if IMAGE_TOKEN in prompt:
         raise ProcessorError(f"{name} contains the text {IMAGE_TOKEN}: the image tokens are put before every prompt "
                              f"for you — remove {IMAGE_TOKEN} from the {name}")
@@ -124,9 +124,10 @@ class PaliGemmaProcessor:
         return [self.image_token_id] * self.num_image_tokens + [self.bos_token_id] + self._encode(text)
 
     def suffix_ids(self, suffix: str) -> list[int]:
-        """The training target's tokens then EOS; tokenized on its own, as transformers' text pair is."""
-        if not isinstance(suffix, str):
-            raise ProcessorError(f"a suffix must be a string, got {type(suffix).__name__}")
+        """The training target's tokens then EOS; tokenized on its own, as transformers' text pair is. Checked as
+        a prompt is (check_prompt): a literal `<image>` in a target would ask for one image feature more than the
+        image gives, and fail a whole training batch later, far from the data line that holds it."""
+        check_prompt(suffix, "suffix")
         return self._encode(suffix) + [self.tokenizer.eos_token_id]
 
     def __call__(self, text: Sequence[str] | str, images: Sequence[Image.Image] | Image.Image,

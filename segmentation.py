@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -107,8 +108,10 @@ def load_vae(path: str | os.PathLike) -> MaskVAE:
     except FileNotFoundError:
         raise VaeError(f"mask VAE file {path} does not exist; download {VAE_FILE} (see README, Segmentation)") \
             from None
-    except (OSError, ValueError) as e:  # not a zip / npz, a directory, unreadable
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip, cut short, a directory, unreadable
         raise VaeError(f"{path} is not a readable .npz file ({e}); give big_vision's {VAE_FILE}") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy file: np.load returns its one array
+        raise VaeError(f"{path} is a single array (.npy), not an .npz archive; give big_vision's {VAE_FILE}")
     with npz:
         keys = set(npz.files)
         halves = {"decoder": list(_decoder_shapes()),
@@ -126,6 +129,9 @@ def load_vae(path: str | os.PathLike) -> MaskVAE:
             except ValueError as e:  # an object array, which would need pickle
                 raise VaeError(f"{path}: {key} cannot be read without pickle ({e}); the file holds only arrays") \
                     from None
+            except (OSError, EOFError, zipfile.BadZipFile) as e:  # a member cut short or damaged (bad CRC)
+                raise VaeError(f"{path}: {key} cannot be read ({e}); the file is damaged — download {VAE_FILE} "
+                               "again") from None
             if arrays[key].dtype.kind != "f":
                 raise VaeError(f"{path}: {key} has dtype {arrays[key].dtype}, expected floating point")
     expected = {"_vq_vae._embedding": (NUM_CODES, EMBED_DIM), **_decoder_shapes()}

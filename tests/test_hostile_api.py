@@ -27,6 +27,8 @@ def tiny(ckpt):
     (dict(text=None, images="IMAGE"), "text must be"),
     (dict(text=["a", 3], images="IMAGES"), "text must be"),
     (dict(text="see <image>", images="IMAGE"), "<image>"),
+    (dict(text="x", images="IMAGE", suffix="a <image> dog"), "suffix contains the text <image>"),
+    (dict(text="x", images="IMAGE", suffix="a \ud800 dog"), "suffix holds bytes that are not valid UTF-8"),
 ])
 def test_processor_arguments(tiny, kwargs, needle):
     image = random_image(1)
@@ -53,6 +55,8 @@ def test_model_arguments(tiny):
               input_pos=torch.arange(ids.shape[1])), ValueError, "batch size 2"),
         (dict(input_ids=ids, pixel_values=pv, kv_cache=model.new_kv_cache(1, 10),
               input_pos=torch.arange(ids.shape[1])), ValueError, "longer cache"),
+        # labels alone would train the suffix bidirectionally: every position sees the token it predicts
+        (dict(input_ids=ids, pixel_values=pv, labels=ids), ValueError, "labels need token_type_ids"),
     ]
     for kwargs, error, needle in cases:
         with pytest.raises(error, match=needle):
@@ -84,3 +88,16 @@ def test_load_arguments(ckpt, kwargs, needle):
         load_hf_model(ckpt, progress=False, **kwargs)
     with pytest.raises(ValueError, match=needle):
         resolve_device_dtype(kwargs.get("device", "cpu"), kwargs.get("dtype"))
+
+
+def test_right_padding_is_refused_by_generation(tiny):
+    """The first new token is read at the last position: a right-padded row would continue from a pad."""
+    model, processor = tiny
+    inputs = processor(text=["x", "a longer prompt"], images=[random_image(1), random_image(2)])
+    mask, ids = inputs["attention_mask"], inputs["input_ids"]
+    assert not mask[0].all(), "the short row must be padded"
+    shift = int((mask[0] == 0).sum())
+    right_ids, right_mask = ids.clone(), mask.clone()
+    right_ids[0], right_mask[0] = ids[0].roll(-shift), mask[0].roll(-shift)  # the same row, padded on the right
+    with pytest.raises(ValueError, match="LEFT padding"):
+        generate_ids(model, right_ids, inputs["pixel_values"], right_mask, max_new_tokens=2)

@@ -160,3 +160,21 @@ def test_batched_equals_one_by_one(pair):
         alone = generate_ids(model, one["input_ids"], one["pixel_values"], one["attention_mask"], 16)[0]
         assert_no_near_ties(model, one["input_ids"], one["pixel_values"], alone)
         assert together[b, : len(alone)].tolist() == alone.tolist(), f"{name} row {b}"
+
+
+def test_a_generated_image_token_is_embedded_as_transformers_does(pair):
+    """<image> inside the vocabulary, fed back as a decoded token (no pixel_values): transformers looks up its own
+    embedding row; masking it to row 0, as the prompt's image slots are before their features go in, differs."""
+    model, proc, ref, _, name = pair
+    inputs = proc(text=[PROMPTS[0]], images=[random_image(3)])
+    T, image_id = inputs["input_ids"].shape[1], model.config.image_token_index
+    assert image_id < model.config.text_config.vocab_size
+    with torch.no_grad():
+        past = ref(**inputs, token_type_ids=torch.zeros_like(inputs["input_ids"]), use_cache=True).past_key_values
+        theirs = ref(input_ids=torch.tensor([[image_id]]), past_key_values=past, cache_position=torch.tensor([T]),
+                     attention_mask=torch.ones(1, T + 1, dtype=torch.long)).logits[:, -1]
+        cache = model.new_kv_cache(1, T + 1)
+        prefill(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], cache,
+                torch.arange(T)[None])
+        ours = decode_one_token(model, torch.tensor([[image_id]]), torch.tensor([T]), torch.tensor([[T]]), cache)
+    assert rel_err(ours, theirs) < TOL, name

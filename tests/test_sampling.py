@@ -15,6 +15,14 @@ def test_greedy_when_not_sampling_or_zero_temperature():
     assert torch.equal(sample_next_token(logits, do_sample=True, temperature=0.0), best)
 
 
+@pytest.mark.parametrize("temperature", [1e-46, 1e-300])
+def test_temperature_below_float32s_range_is_greedy(temperature):
+    """A valid temperature that rounds to 0 in float32 leaves only the best token (docs/errors.md), no NaN."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next_token(logits, True, temperature, 1.0, 0, g), logits.argmax(-1))
+
+
 def test_top_p_never_leaves_the_nucleus():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 40, generator=g) * 3
@@ -63,3 +71,12 @@ def test_sampling_with_zero_temperature_is_greedy(tiny):
     model, inp = tiny
     args = (model, inp["input_ids"], inp["pixel_values"], inp["attention_mask"], 16)
     assert torch.equal(generate_ids(*args, do_sample=True, temperature=0.0, seed=5), generate_ids(*args))
+
+
+def test_sampling_without_a_seed_leaves_the_global_rng_alone(tiny):
+    model, inp = tiny
+    torch.manual_seed(123)
+    want = torch.rand(3)
+    torch.manual_seed(123)
+    generate_ids(model, inp["input_ids"], inp["pixel_values"], inp["attention_mask"], 2, do_sample=True)
+    assert torch.equal(torch.rand(3), want)

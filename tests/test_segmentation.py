@@ -156,6 +156,23 @@ def test_one_half_works_for_that_half(golden, tmp_path):
         enc.decode(golden["decode_codes"][:1])
 
 
+def test_cut_short_damaged_or_npy_vae_files_are_clear_errors(vae_file, tmp_path):
+    data = vae_file.read_bytes()
+    (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])  # an interrupted download
+    with pytest.raises(VaeError, match="not a readable .npz"):
+        load_vae(tmp_path / "half.npz")
+    # One member's bytes flipped: the zip directory is intact, the member fails its CRC when read.
+    damaged = bytearray(data)
+    at = data.index(b"_vq_vae._embedding.npy") + 200
+    damaged[at:at + 64] = bytes(64)
+    (tmp_path / "crc.npz").write_bytes(bytes(damaged))
+    with pytest.raises(VaeError, match="damaged|not a readable"):
+        load_vae(tmp_path / "crc.npz")
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(VaeError, match=r"single array \(.npy\)"):
+        load_vae(tmp_path / "one.npy")
+
+
 def test_bad_files_and_inputs_are_clear_errors(vae, tmp_path):
     with pytest.raises(VaeError, match="does not exist"):
         load_vae(tmp_path / "missing.npz")
