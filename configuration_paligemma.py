@@ -259,6 +259,32 @@ def _pick(src: dict, cls, defaults: dict | None = None) -> dict:
     return out
 
 
+def _rope_and_head(cfg: dict, text: dict, source: str) -> dict:
+    """text_config with its RoPE base read from wherever the config keeps it, after refusing what this model does
+    not implement (rather than ignoring it, which would answer wrongly without a word).
+
+    transformers 5 writes `rope_parameters` {"rope_type", "rope_theta"}; older configs a top-level `rope_theta` and
+    `rope_scaling`. PaliGemma uses plain (default, unscaled) RoPE and an LM head tied to the token embedding."""
+    for name in ("rope_parameters", "rope_scaling"):
+        rope = text.get(name)
+        if rope is not None and not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: text_config.{name} must be an object")
+        kind = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"{source}: text_config.{name} asks for rope_type {kind!r}; PaliGemma uses the "
+                                  "default RoPE only — re-download config.json")
+    theta = (text.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None:
+        if text.get("rope_theta") is not None and text["rope_theta"] != theta:
+            raise CheckpointError(f"{source}: text_config gives rope_theta {text['rope_theta']} and "
+                                  f"rope_parameters.rope_theta {theta}; keep one")
+        text = {**text, "rope_theta": theta}
+    if False in (cfg.get("tie_word_embeddings"), text.get("tie_word_embeddings")):
+        raise CheckpointError(f"{source}: tie_word_embeddings is false, but PaliGemma's LM head is its token "
+                              "embedding (a separate lm_head.weight is never read) — re-download config.json")
+    return text
+
+
 def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
     """Parse a hub PaliGemma config dict (sparse: absent fields take the released checkpoints' values)."""
     if cfg.get("model_type") != "paligemma":
@@ -274,6 +300,7 @@ def config_from_dict(cfg: dict, source: str = "config.json") -> PaliGemmaConfig:
         for name in required:
             if name not in d:
                 raise CheckpointError(f"{source}: required field {section}.{name} is missing; re-download config.json")
+    text = _rope_and_head(cfg, text, source)
     text_type = text.get("model_type", "gemma")
     if text_type not in ("gemma", "gemma2"):
         raise CheckpointError(f"{source}: text_config.model_type {text_type!r} is not supported (gemma, gemma2)")

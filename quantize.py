@@ -9,7 +9,7 @@ position embedding stay in the model's float dtype (under 0.1 % of the parameter
 
 Scheme: for each output row w, scale = max|w| / 127 (float32; 1 for an all-zero row; at least float32's smallest
 normal number) and q = round(w / scale), within [-127, 127] (symmetric, no zero point). Kernels (`int8_linear`,
-measured in benchmarks/README.md): a few rows of activations (decode) go to `torch._weight_int8pack_mm` with bf16
+measured in benchmarks/README.md): a few tokens per sequence (decode) go to `torch._weight_int8pack_mm` with bf16
 activations, which reads the int8 weights directly (its float32-activation variant is several times slower on
 every CPU measured); many rows
 (prefill, vision tower) convert the int8 rows to the activations' dtype in a reused buffer, run the dense float
@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +50,9 @@ METADATA_KEY = "paligemma_quantization"  # safetensors header metadata key of a 
 FORMAT = {"method": "int8_weight_only", "granularity": "per_output_channel", "scale_dtype": "float32",
           "version": 1}
 SCALE_SUFFIX = "_scale"  # <name>.weight -> <name>.weight_scale
-# Activation rows up to which the int8 kernel runs (decode, small batches); above it dequantize + dense matmul.
+# Tokens per sequence up to which the int8 kernel runs (decode steps, of any batch); above it (prefill, the vision
+# tower) dequantize + dense matmul. Per sequence, not in all: a decode step of B sequences is B rows, and a
+# sequence must get the same arithmetic whatever batch it runs in (batched answers equal the ones alone).
 INT8_KERNEL_MAX_ROWS = 16
 # The many-row path converts this many bytes of weight rows at a time (output-feature blocks), so the float
 # copy never exists whole: 134 MB in float32 for a 16384 x 2048 projection, 2.1 GB for the LM head — which would
@@ -131,7 +134,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
                 ) -> torch.Tensor:
     """x @ (q * scale[:, None]).T + bias, in x's dtype; picks the kernel (module docstring)."""
     rows, K = x.numel() // x.shape[-1], x.shape[-1]
-    if (x.device.type == "cpu" and rows <= INT8_KERNEL_MAX_ROWS and K % 16 == 0 and int8_kernel_works()
+    per_sequence = x.shape[-2] if x.dim() >= 3 else rows  # (B, T, K): T tokens of each of B sequences
+    if (x.device.type == "cpu" and per_sequence <= INT8_KERNEL_MAX_ROWS and K % 16 == 0 and int8_kernel_works()
             and not torch.compiler.is_compiling()):
         # bf16 activations whatever x's dtype: the kernel's float32 variant is several times slower, and its
         # scales must match the activations' dtype. The result is cast back to x's dtype.
@@ -259,6 +263,9 @@ def _quantize_stored(reader: weights.ShardReader, key: str, shape: torch.Size) -
         amax = row_absmax(rows)
         if not bool(torch.isfinite(amax).all()):  # NaN would make a NaN scale; check_finite names what it found
             weights.check_finite(rows, f"{reader.name}: tensor {key}", src)
+            # Finite as stored, infinite in float32: a float64 value beyond float32's range would make an inf scale.
+            raise CheckpointError(f"{reader.name}: tensor {key} has values beyond float32's range, which int8 scales "
+                                  "cannot hold; re-download the checkpoint, or load it without --quantize")
         # w / scale in ops' reused float32 scratch (the many-row matmuls reuse it later): a fresh 16 MB buffer per
         # tensor fragmented the heap (+100 MB peak).
         work = ops.scratch(torch.Size((m, k)), torch.float32, torch.device("cpu"))
@@ -370,9 +377,23 @@ def save_int8_checkpoint(model: nn.Module, source_dir: str | os.PathLike, out_di
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python quantize.py SRC OUT [--dtype bfloat16]: write SRC's int8 checkpoint into the new directory OUT."""
+def _check_out_dir(out: Path) -> None:
+    """OUT must be new and creatable: checked before the minutes of loading and quantizing, not after."""
+    if out.exists() or out.is_symlink():
+        raise ValueError(f"{out} already exists; give a new directory (nothing is overwritten)")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise ValueError(f"cannot create {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create {out}: {parent} is not writable; check its permissions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python quantize.py SRC OUT [--dtype bfloat16]: write SRC's int8 checkpoint into the new directory OUT.
+    A bad argument, checkpoint or output path is one `error:` line and exit 2, as in inference.py."""
     import argparse
+
+    import cli_checks
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("src", help="float checkpoint directory (hub layout) or hub id")
@@ -381,9 +402,23 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import quantize  # this file runs as __main__: the model's modules are quantize's classes, not __main__'s
 
-    model, _ = utils.load_hf_model(args.src, "cpu", args.dtype, quantize="int8")
-    print(quantize.save_int8_checkpoint(model, utils.resolve_model_path(args.src), args.out))
+    stage = "checking the arguments"
+    try:
+        # SIGTERM / SIGHUP unwind like Ctrl-C, so save_int8_checkpoint removes its half-written temporary directory.
+        with cli_checks.stop_on_signals():
+            _check_out_dir(Path(args.out))
+            stage = "loading and quantizing the checkpoint"
+            model, _ = utils.load_hf_model(args.src, "cpu", args.dtype, quantize="int8")
+            stage = "saving the int8 checkpoint"
+            print(quantize.save_int8_checkpoint(model, utils.resolve_model_path(args.src), args.out))
+    except BaseException as e:  # noqa: BLE001 — every failure is one line and an exit code, never a traceback
+        if isinstance(e, SystemExit):
+            raise
+        code, message = cli_checks.describe(e, stage)
+        print(f"error: {message}", file=sys.stderr)
+        return code
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,6 +46,11 @@ CONFIG_CASES = [
     ("vision_config.num_channels", 4),
     ("projection_dim", 32),
     ("pad_token_id", 5000),
+    ("text_config.rope_parameters", {"rope_type": "linear", "factor": 2.0}),  # refused, never ignored
+    ("text_config.rope_scaling", {"type": "dynamic", "factor": 2.0}),
+    ("text_config.rope_parameters", [10000.0]),
+    ("tie_word_embeddings", False),  # a separate LM head would be silently replaced by the embedding
+    ("text_config.tie_word_embeddings", False),
 ]
 
 
@@ -55,6 +60,19 @@ def test_bad_config_value_is_named(ckpt, jpg, tmp_path, capsys, field, value):
     edit_json(bad / "config.json", set_field(field, value))
     line = one_error(*cli_in_process(capsys, "--model_path", bad, "-i", jpg, *FAST), 2, "config.json")
     assert field.split(".")[-1] in line
+
+
+def test_rope_theta_is_read_where_transformers_5_writes_it():
+    """transformers 5 saves text_config.rope_parameters {"rope_theta", "rope_type"}, often without a top-level
+    rope_theta: the base must come from there (a wrong base moves every logit), and two different ones are refused."""
+    cfg = {"model_type": "paligemma", "vision_config": {"hidden_size": 32, "intermediate_size": 64,
+                                                        "num_hidden_layers": 1},
+           "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                           "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}}}
+    assert configuration_paligemma.config_from_dict(cfg).text_config.rope_theta == 100.0
+    cfg["text_config"]["rope_theta"] = 10000.0
+    with pytest.raises(configuration_paligemma.CheckpointError, match="keep one"):
+        configuration_paligemma.config_from_dict(cfg)
 
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])

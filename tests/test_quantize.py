@@ -10,10 +10,11 @@ import torch
 from conftest import cli_in_process, random_image
 from reference import rel_err
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import ops
 import quantize
+import weights
 from inference import generate, make_processor
 from utils import CheckpointError, load_hf_model
 
@@ -68,7 +69,17 @@ def test_int8_linear_is_the_dequantized_product(rows):
     got = quantize.int8_linear(x, q, scale, bias)
     assert got.shape == want.shape and got.dtype == x.dtype
     # The int8 kernel takes bf16 activations (rounding ~4e-3); the dequantize path is float32 arithmetic.
-    assert rel_err(got, want) < (1e-2 if 2 * rows <= quantize.INT8_KERNEL_MAX_ROWS else 1e-5)
+    assert rel_err(got, want) < (1e-2 if rows <= quantize.INT8_KERNEL_MAX_ROWS else 1e-5)
+
+
+def test_a_decode_step_is_the_same_arithmetic_in_any_batch():
+    """20 sequences x 1 token are 20 rows, more than the kernel's limit per sequence: each row must still equal
+    the same sequence decoded alone, bit for bit (batched answers equal the ones alone)."""
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize.quantize_rows(torch.randn(48, 64, generator=g))
+    x = torch.randn(20, 1, 64, generator=g).to(torch.bfloat16)
+    together = quantize.int8_linear(x, q, scale)
+    assert all(torch.equal(together[b], quantize.int8_linear(x[b:b + 1], q, scale)[0]) for b in range(20))
 
 
 @pytest.mark.parametrize("block_rows", [1, 7, 48])  # blocks of one row, blocks with a short last one, one block
@@ -172,3 +183,29 @@ def test_cli_quantize_int8_answers_as_the_library(ckpt, capsys):
     assert "as torch.bfloat16" in err
     code, out, err = cli_in_process(capsys, "--model_path", ckpt, "-i", path, "--quantize", "int4")
     assert code == 2 and err.strip().splitlines()[-1] == "error: --quantize must be int8 (or left out), got 'int4'"
+
+
+def test_a_float64_value_beyond_float32s_range_is_named(ckpt, tmp_path):
+    """Finite as stored (float64), infinite in float32: the int8 scale would be inf and the model all NaN."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(ckpt, dst)
+    path = next(p for p in weights.weight_files(dst) if any(k.endswith("up_proj.weight") for k in load_file(str(p))))
+    tensors = load_file(str(path))
+    key = sorted(k for k in tensors if k.endswith("up_proj.weight"))[0]
+    tensors[key] = tensors[key].double()
+    tensors[key][0, 0] = 1e39
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {key} has values beyond float32's range"):
+        load_hf_model(dst, "cpu", quantize="int8", progress=False)
+
+
+def test_quantize_cli_checks_the_output_before_loading(ckpt, tmp_path, monkeypatch, capsys):
+    """An existing OUT is one error line and exit 2, before minutes of loading; so is a bad SRC."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(quantize.utils, "load_hf_model", lambda *a, **k: pytest.fail("loaded before checking OUT"))
+    assert quantize.main([str(ckpt), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'out'} already exists")
+    monkeypatch.undo()
+    assert quantize.main([str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and not (tmp_path / "new").exists()
