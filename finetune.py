@@ -8,7 +8,8 @@ are reported with their numbers and skipped (--strict stops). AdamW, linear warm
 gradient accumulation, bf16 autocast where the device computes bf16 natively, optional gradient checkpointing, a
 held-out split evaluated every --eval_every steps. Every --save_every steps output_dir/checkpoint-NNNNNN holds the
 model (hub layout: safetensors shards + index + config + tokenizer; LoRA: peft's adapter files) and
-trainer_state.pt (step, optimizer state), written whole or not at all; --resume continues from the last one.
+trainer_state.pt (step, the run's settings, optimizer state), written whole or not at all; --resume continues from
+the last one, with the same settings only (a new run refuses a directory holding another run's checkpoints).
 At the end: output_dir/final (and output_dir/merged with --preset lora --merge: adapters folded into the weights).
 The flags are declared once, in FLAGS (machinery in cli_checks.py, as for inference.py).
 """
@@ -16,8 +17,10 @@ The flags are declared once, in FLAGS (machinery in cli_checks.py, as for infere
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
+import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from tqdm import tqdm
 import ops
 from cli_checks import (
     EXIT_BAD_INPUT,
+    EXIT_FAILURE,
     Flag,
     UsageError,
     check_options,
@@ -35,6 +39,7 @@ from cli_checks import (
     fire_command,
     help_text,
     log,
+    one_line,
     options_class,
     parse_argv,
     signature_of,
@@ -42,11 +47,22 @@ from cli_checks import (
 from finetune_data import batches_per_epoch, collate, micro_batch, read_dataset, split
 from generation import make_processor
 from hub_writer import atomic_directory, write_model
-from training import PRESETS, apply_preset, load_adapter, merge_lora, save_adapter, training_loss
+from quantize import is_int8_checkpoint
+from training import IGNORE_INDEX, PRESETS, apply_preset, load_adapter, merge_lora, save_adapter, training_loss
 from utils import load_hf_model, resolve_device_dtype, resolve_model_path
 
 CHECKPOINT = re.compile(r"checkpoint-(\d{6})$")
 STATE_FILE = "trainer_state.pt"
+# What a resumed run must share with the run that wrote the checkpoint: they decide the weights, the learning-rate
+# schedule and the batch order. (--precision, --device, --eval_every, --save_every, --gradient_checkpointing may
+# change between the two.) LoRA's rank and alpha only with --preset lora.
+RUN_SETTINGS = ("model_path", "data", "preset", "batch_size", "grad_accum", "learning_rate", "warmup", "weight_decay",
+                "max_grad_norm", "epochs", "steps", "loss_reduction", "eval_fraction", "seed")
+LORA_SETTINGS = ("lora_rank", "lora_alpha")
+# cli_checks.describe's out-of-memory hint names inference.py's --dtype, which finetune.py does not have.
+OOM_HINT_TRAINING = ("lower --batch_size (raise --grad_accum to keep the examples per step), add "
+                     "--gradient_checkpointing, use --preset lora, or use a device with more memory")
+OOM_HINT_LOADING = "training loads the model in float32: use a smaller checkpoint or a device with more memory"
 
 
 def _in(*choices: str) -> tuple[str, Any]:
@@ -87,7 +103,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("eval_every", int, 50, "evaluate the held-out split every N steps (and at the end).",
          valid=("a positive integer", lambda v: v >= 1)),
     Flag("save_every", int, 100, "write a checkpoint every N steps.", valid=("a positive integer", lambda v: v >= 1)),
-    Flag("resume", bool, False, "continue from the last checkpoint in --output_dir (model and optimizer state)."),
+    Flag("resume", bool, False, "continue from the last checkpoint in --output_dir (model and optimizer state), "
+         "with the flags of the run that wrote it."),
     Flag("merge", bool, False, "with --preset lora: also write output_dir/merged, the adapters folded into a full "
          "checkpoint."),
     Flag("lora_rank", int, 8, "LoRA rank r.", valid=("a positive integer", lambda v: v >= 1)),
@@ -138,6 +155,60 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return max(found, key=lambda p: p.name) if found else None
 
 
+def check_output_dir(options: Any) -> None:
+    """Before the model loads: --output_dir must not overlap --model_path (final/, merged/ and checkpoint-* are
+    replaced whole, and would take the input's weights with them), is created and must be writable (not found out
+    after the last step), and holds no other run's checkpoints unless --resume continues them. Raises UsageError."""
+    out = Path(options.output_dir)
+    model = Path(options.model_path)
+    if model.exists():  # a hub id is read from the Hugging Face cache, never an output directory
+        m, o = model.resolve(), out.resolve()  # symlinks followed: another spelling of the same directory
+        if o == m or o.is_relative_to(m):
+            where = "is" if o == m else "is inside"
+            raise UsageError(f"--output_dir {out} {where} the checkpoint being fine-tuned (--model_path {model}); "
+                             "give an --output_dir outside it")
+        target = m.relative_to(o).parts[0] if m.is_relative_to(o) else ""
+        if target in ("final", "merged") or CHECKPOINT.fullmatch(target):
+            raise UsageError(f"--output_dir {out} would replace {out / target}, which holds the checkpoint being "
+                             f"fine-tuned (--model_path {model}); give another --output_dir, or copy the checkpoint "
+                             "elsewhere")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_dir {out} is a file; give a directory (it is created if absent)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=out))  # what saving does: a directory made in it
+    except OSError as e:
+        raise UsageError(f"--output_dir {out} cannot be written ({e.strerror or one_line(e)}); give a writable "
+                         "directory") from None
+    found = sorted(p.name for p in out.glob("checkpoint-*") if CHECKPOINT.search(p.name))
+    if found and not options.resume:
+        raise UsageError(f"--output_dir {out} already holds {found[-1]} of an earlier run; continue that run with "
+                         "--resume, or give another --output_dir")
+
+
+def run_settings(options: Any) -> dict[str, Any]:
+    """The RUN_SETTINGS of this run as a checkpoint records them (local paths resolved: another spelling of the same
+    file is the same setting)."""
+    names = RUN_SETTINGS + (LORA_SETTINGS if options.preset == "lora" else ())
+    settings = {name: getattr(options, name) for name in names}
+    if options.steps:
+        del settings["epochs"]  # not used then
+    settings["data"] = str(Path(options.data).resolve())
+    if Path(options.model_path).exists():
+        settings["model_path"] = str(Path(options.model_path).resolve())
+    return settings
+
+
+def check_resume(state: dict[str, Any], settings: dict[str, Any], checkpoint: Path) -> None:
+    """Raise UsageError naming every setting in which this run differs from the one that wrote `checkpoint`: a
+    resume continues that run, it does not start another on its weights."""
+    saved = state.get("settings", {"preset": state["preset"]})  # older checkpoints recorded only the preset
+    differ = [f"--{k} {saved[k]} (now {settings[k]})" for k in settings if k in saved and saved[k] != settings[k]]
+    if differ:
+        raise UsageError(f"{checkpoint} was written by a run with other settings: {', '.join(differ)}; resume with "
+                         "that run's flags, or start a new run in another --output_dir")
+
+
 class Trainer:
     """One fine-tuning run: the model (preset applied), its optimizer, the data, and the step counter."""
 
@@ -146,14 +217,19 @@ class Trainer:
         self.out = Path(options.output_dir)
         self.device, _ = resolve_device_dtype(options.device, "float32")
         self.base_path = resolve_model_path(options.model_path)
+        if self.base_path.is_dir() and is_int8_checkpoint(self.base_path):
+            # Its int8 weights have no gradients (and peft cannot wrap its layers): refused, not a cryptic failure.
+            raise UsageError(f"--model_path {options.model_path} is an int8 checkpoint (python quantize.py), which "
+                             "cannot be fine-tuned; give the float checkpoint it was made from")
         self.resume_from = last_checkpoint(self.out) if options.resume else None
         if options.resume and self.resume_from is None:
             log(f"note: no checkpoint in {self.out} yet; starting from the beginning")
+        self.settings = run_settings(options)
         state = None
         if self.resume_from is not None:
             state = torch.load(self.resume_from / STATE_FILE, map_location="cpu", weights_only=True)
-            if state["preset"] != options.preset:
-                raise UsageError(f"{self.resume_from} was trained with --preset {state['preset']}; resume with it")
+            check_resume(state, self.settings, self.resume_from)  # before any weights load: LoRA rank included
+            log(f"note: resuming from {self.resume_from} at step {state['step']}")
         # Full/llm/attn checkpoints hold the whole model; a LoRA checkpoint only its adapter over the base.
         load_from = self.resume_from if state is not None and options.preset != "lora" else self.base_path
         model, tokenizer = load_hf_model(load_from, self.device, torch.float32, progress=False)
@@ -186,34 +262,46 @@ class Trainer:
             f"{per_step} examples; preset {o.preset}: {sum(p.numel() for p in self.params):,} trainable parameters; "
             f"{'bf16 autocast' if self.bf16 else 'float32'}")
 
-    def loss(self, examples) -> torch.Tensor:
+    def loss(self, examples) -> tuple[torch.Tensor, int]:
+        """(the micro-batch's loss, its weight in a mean over several: labelled tokens for --loss_reduction token,
+        examples for example)."""
         batch = {k: v.to(self.device) for k, v in collate(examples, self.processor).items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return training_loss(self.model, batch, self.o.loss_reduction)
+            loss = training_loss(self.model, batch, self.o.loss_reduction)
+        if self.o.loss_reduction == "token":
+            return loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return loss, len(examples)
 
     def train_step(self) -> float:
         o = self.o
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.total, round(o.warmup * self.total), o.learning_rate)
-        total = 0.0
+        # The step's loss is the mean over all its micro-batches' tokens (or examples), as one big batch's would be,
+        # not the mean of the micro-batch means: each micro-batch's loss sum (mean x weight) is backpropagated and
+        # the summed gradients are divided by the total weight, known only after the last micro-batch.
+        total, weight = 0.0, 0
         for i in range(o.grad_accum):
-            loss = self.loss(micro_batch(self.train, o.batch_size, o.seed, self.step * o.grad_accum + i))
-            (loss / o.grad_accum).backward()
-            total += loss.item() / o.grad_accum
+            loss, n = self.loss(micro_batch(self.train, o.batch_size, o.seed, self.step * o.grad_accum + i))
+            (loss * n).backward()
+            total += loss.item() * n
+            weight += n
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.div_(weight)
         if o.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, o.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total
+        return total / weight
 
     @torch.no_grad()
     def evaluate(self) -> float:
         self.model.eval()
         bs = self.o.batch_size
-        losses = [self.loss(self.held_out[i:i + bs]).item() for i in range(0, len(self.held_out), bs)]
-        return sum(losses) / len(losses)
+        losses = [self.loss(self.held_out[i:i + bs]) for i in range(0, len(self.held_out), bs)]
+        return sum(loss.item() * n for loss, n in losses) / sum(n for _, n in losses)  # as train_step's mean
 
     def save(self, name: str, with_state: bool = True) -> Path:
         with atomic_directory(self.out / name) as tmp:
@@ -222,8 +310,8 @@ class Trainer:
             else:
                 write_model(self.model, self.base_path, tmp)
             if with_state:
-                torch.save({"step": self.step, "preset": self.o.preset, "optimizer": self.optimizer.state_dict()},
-                           tmp / STATE_FILE)
+                torch.save({"step": self.step, "preset": self.o.preset, "settings": self.settings,
+                            "optimizer": self.optimizer.state_dict()}, tmp / STATE_FILE)
         return self.out / name
 
     def run(self) -> None:
@@ -262,6 +350,7 @@ def main(*args: Any, **flags: Any) -> None:
             raise UsageError(f"--merge is for --preset lora; --preset {options.preset} already saves full weights")
         if not Path(options.data).is_file():
             raise UsageError(f"--data {options.data} is not a file; give a JSON Lines dataset")
+        check_output_dir(options)
         stage = "loading the model"
         trainer = Trainer(options)
         stage = "reading the data"
@@ -272,6 +361,9 @@ def main(*args: Any, **flags: Any) -> None:
         if options.debug is True or isinstance(e, SystemExit):
             raise
         code, message = describe(e, stage)
+        if code == EXIT_FAILURE and message.startswith("out of memory while "):  # replace inference.py's hint
+            hint = OOM_HINT_TRAINING if stage == "training" else OOM_HINT_LOADING
+            message = f"{message.rsplit('; ', 1)[0]}; {hint}"
         if isinstance(e, KeyboardInterrupt):
             message += "; continue with --resume from the last checkpoint"
         log(f"error: {message}")

@@ -2,9 +2,10 @@
 relative to the file, checked line by line before training; and the deterministic batch order (per epoch a shuffle
 seeded by seed + epoch, so a resumed run sees the batches the interrupted one would have).
 
-A bad line (not JSON, a missing or non-string field, an empty suffix, a missing or unreadable image, prompt +
-suffix longer than the model's positions) is reported with its line number; strict=True stops at the first with a
-DataError, otherwise it is skipped and counted. Blank lines are ignored.
+A bad line (not UTF-8, not JSON, a missing or non-string field, an empty suffix, a missing or unreadable image,
+prompt + suffix longer than the model's positions, a prefix or suffix the processor refuses: a literal `<image>`, a
+lone surrogate) is reported with its line number; strict=True stops at the first with a DataError, otherwise it is
+skipped and counted. Blank lines are ignored. Lines end at "\n" only (a "\r" before it is JSON whitespace).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from cli_checks import ImageError, load_image, one_line
-from processing_paligemma import PaliGemmaProcessor, to_rgb
+from processing_paligemma import PaliGemmaProcessor, check_prompt, to_rgb
 
 
 class DataError(ValueError):
@@ -37,8 +38,12 @@ class Example:
     suffix: str
 
 
-def _check_line(text: str, root: Path, processor: PaliGemmaProcessor, max_positions: int) -> Example | str:
-    """One line -> its Example, or what is wrong with it."""
+def _check_line(raw: bytes, root: Path, processor: PaliGemmaProcessor, max_positions: int) -> Example | str:
+    """One line (its bytes) -> its Example, or what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start} of the line); save the file as UTF-8"
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -61,7 +66,11 @@ def _check_line(text: str, root: Path, processor: PaliGemmaProcessor, max_positi
         load_image(str(image))
     except (ImageError, OSError) as e:
         return one_line(e)
-    n = len(processor.prompt_ids(prefix)) + len(processor.suffix_ids(suffix))
+    try:
+        check_prompt(prefix, "prefix")  # what prompt_ids checks, named as the line names it
+        n = len(processor.prompt_ids(prefix)) + len(processor.suffix_ids(suffix))
+    except (ValueError, TypeError) as e:  # ProcessorError: a literal <image>, a lone surrogate (\ud800 in JSON)
+        return one_line(e)
     if n > max_positions:
         return f"image + prompt + suffix are {n} tokens, more than the model's {max_positions} positions"
     return Example(0, image, prefix, suffix)
@@ -73,15 +82,18 @@ def read_dataset(path: str | os.PathLike, processor: PaliGemmaProcessor, max_pos
     "PATH:LINE: what is wrong". strict: raise DataError at the first bad line instead."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise DataError(f"cannot read the dataset {path}: {one_line(e)}") from None
+    # JSON Lines records end at b"\n" only: str.splitlines() would also split at U+2028, U+0085 and the like, which
+    # json.dumps(ensure_ascii=False) leaves unescaped inside strings. Each line is decoded alone, so one byte that is
+    # not UTF-8 costs that line (reported by number), not the whole file. A leading BOM (Windows editors) is dropped.
     examples: list[Example] = []
     skipped = 0
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
+    for number, raw in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        if not raw.strip():
             continue
-        checked = _check_line(text, path.parent, processor, max_positions)
+        checked = _check_line(raw, path.parent, processor, max_positions)
         if isinstance(checked, str):
             message = f"{path}:{number}: {checked}"
             if strict:

@@ -148,8 +148,13 @@ def load_adapter(peft_model: nn.Module, directory) -> None:
 
     saved = load_file(str(directory / "adapter_model.safetensors"))
     state = {_OURS + k.removeprefix(_THEIRS): v for k, v in saved.items()}
-    result = set_peft_model_state_dict(peft_model, state)
+    fix = "resume with the same --preset and --lora_rank"
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as e:  # torch's "size mismatch for ...lora_A...": an adapter of another rank
+        first = str(e).strip().splitlines()[-1].strip()
+        raise TrainingError(f"{directory}: the adapter does not fit this model ({first}); {fix}") from None
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise TrainingError(f"{directory}: the adapter does not fit this model (missing {missing[:3]}, unexpected "
-                            f"{list(result.unexpected_keys)[:3]}); resume with the same --preset and --lora_rank")
+                            f"{list(result.unexpected_keys)[:3]}); {fix}")

@@ -19,7 +19,17 @@ from reference import hf_model
 from transformers.loss.loss_utils import fixed_cross_entropy
 
 from generation import make_processor
-from training import PRESETS, TrainingError, apply_preset, causal_lm_loss, lora_config, merge_lora, training_loss
+from training import (
+    PRESETS,
+    TrainingError,
+    apply_preset,
+    causal_lm_loss,
+    load_adapter,
+    lora_config,
+    merge_lora,
+    save_adapter,
+    training_loss,
+)
 from utils import canonical_key, load_hf_model
 
 LOSS_TOL, GRAD_TOL, WEIGHT_TOL = 1e-9, 1e-7, 1e-7
@@ -227,3 +237,11 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(pg2_pair
     assert calls == [1, 2]  # really recomputed in the backward pass
     for name, g in grads[0].items():
         assert rel(grads[1][name], g) < 1e-12, name
+
+
+def test_an_adapter_of_another_rank_is_a_clear_error(pg2_pair, tmp_path):
+    """load_adapter into a model with another LoRA rank: TrainingError naming the fix, not torch's RuntimeError."""
+    model = pg2_pair[0]
+    save_adapter(apply_preset(copy.deepcopy(model), "lora", lora_rank=8), tmp_path, "base")
+    with pytest.raises(TrainingError, match=r"the adapter does not fit this model \(size mismatch .*--lora_rank$"):
+        load_adapter(apply_preset(copy.deepcopy(model), "lora", lora_rank=4), tmp_path)
