@@ -80,14 +80,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess_image(image: Image.Image, image_size: int) -> np.ndarray:
-    """One PIL image -> float32 (3, S, S) in [-1, 1].
+def squash(image: Image.Image, image_size: int) -> Image.Image:
+    """The image as the model sees it before normalising: RGB, squash-resized (no crop, aspect ratio not kept) to
+    image_size² with bicubic resampling. Squashing an already squashed image changes nothing (Pillow copies at the
+    same size), so a caller may squash early (serve.py, to hold small images in its queue)."""
+    return to_rgb(image).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
 
-    Squash-resize (no crop, aspect ratio not kept) with bicubic resampling, x/255, then (x - 0.5) / 0.5 — the
-    SigLIP normalisation PaliGemma was trained with.
-    """
-    rgb = to_rgb(image).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
-    x = np.asarray(rgb, dtype=np.float32) * np.float32(1 / 255)  # (S, S, 3)
+
+def preprocess_image(image: Image.Image, image_size: int) -> np.ndarray:
+    """One PIL image -> float32 (3, S, S) in [-1, 1]: squash, x/255, then (x - 0.5) / 0.5 — the SigLIP
+    normalisation PaliGemma was trained with."""
+    x = np.asarray(squash(image, image_size), dtype=np.float32) * np.float32(1 / 255)  # (S, S, 3)
     x = (x - np.float32(0.5)) / np.float32(0.5)
     return x.transpose(2, 0, 1)  # (3, S, S)
 

@@ -5,9 +5,10 @@
 POST /v1/chat/completions takes the last user message's text part (the PaliGemma prompt) and image_url part
 (a data: URL; a local path only under --allow_local_images DIR). The answer text equals what inference.py prints
 for the same image, prompt and settings; detection and segmentation answers also carry `detections` /
-`segments` (the CLI's --json objects). `stream: true` sends OpenAI chunk Server-Sent Events ending in
-`data: [DONE]`. Built on FastAPI + uvicorn; the model is loaded once and owned by serve_batching's worker thread.
-Checked by tests/test_serve.py with the `openai` client against the CLI's answers.
+`segments` (the CLI's --json objects); `stop` strings cut the answer before the first one to appear.
+`stream: true` sends OpenAI chunk Server-Sent Events ending in `data: [DONE]`. Built on FastAPI + uvicorn; the
+model is loaded once and owned by serve_batching's worker thread. Checked by tests/test_serve.py with the
+`openai` client against the CLI's answers.
 """
 
 from __future__ import annotations
@@ -22,15 +23,18 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+from starlette.exceptions import HTTPException
 
 from cli_checks import ImageError, load_image
 from generation import SamplingConfig, make_processor
-from processing_paligemma import ProcessorError, check_prompt, parse_detections
+from processing_paligemma import ProcessorError, check_prompt, parse_detections, squash
 from serve_batching import Batcher, Job, Result
 from utils import DTYPES, load_hf_model
 
@@ -38,12 +42,13 @@ from utils import DTYPES, load_hf_model
 class ApiError(Exception):
     """An error answered in the OpenAI shape {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
 
 
@@ -74,6 +79,29 @@ def parse_sampling(body: dict) -> SamplingConfig:
                           top_p=values["top_p"], seed=values["seed"])
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 1000  # OpenAI's count; the length bounds the worker's work per token
+
+
+def parse_stop(body: dict) -> tuple[str, ...]:
+    """`stop`: a string or a list of up to 4 (OpenAI's rule) -> the stop strings; 400 naming `stop` otherwise."""
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise _bad(f"'stop' must be a string or a list of up to {MAX_STOPS} strings, each 1 to {MAX_STOP_CHARS} "
+                   "characters long", "stop")
+    return tuple(stops)
+
+
+def max_prompt_chars(tokenizer, max_positions: int) -> int:
+    """The longest prompt, in characters, that could fit the model's positions. No token stands for more
+    characters than the longest string in the vocabulary (added tokens included), so a longer prompt has more
+    tokens than there are positions and is refused without tokenizing it (which takes seconds per megabyte).
+    This holds for PaliGemma's tokenizers: their normalizer only turns " " into "▁" (it drops no character),
+    and byte fallback spells an unknown character in byte tokens (no run of them fuses into one <unk>)."""
+    return max_positions * max(map(len, tokenizer.get_vocab()))
+
+
 def parse_messages(body: dict) -> tuple[str, str]:
     """The last user message -> (prompt text, image url). 400 for anything missing or of the wrong shape."""
     messages = body.get("messages")
@@ -100,9 +128,10 @@ def parse_messages(body: dict) -> tuple[str, str]:
         raise _bad(str(e), "messages") from None
 
 
-def read_image(url: str, local_root: Path | None):
-    """A data: URL (or, with --allow_local_images, a path inside that directory) -> the image, read by the CLI's
-    load_image (same EXIF turn, decompression-bomb limit and errors). Never fetches a remote URL."""
+def read_image(url: str, local_root: Path | None, image_size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """A data: URL (or, with --allow_local_images, a path inside that directory) -> (the image as the model sees
+    it, its original (width, height)). Read by the CLI's load_image (same EXIF turn, decompression-bomb limit and
+    errors, in the client's words). Never fetches a remote URL. Run it off the event loop: it decodes."""
     if url.startswith("data:"):
         head, sep, data = url.partition(",")
         if not sep or not head.endswith(";base64"):
@@ -114,31 +143,61 @@ def read_image(url: str, local_root: Path | None):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "image")
             path.write_bytes(raw)
-            try:
-                return load_image(str(path))
-            except ImageError as e:
-                raise _bad(str(e).replace(str(path), "the image data"), "messages") from None
+            return _for_model(_load(path, "the image data"), image_size)
     if local_root is None:
         raise _bad("image_url must be a data: URL (the server never fetches URLs; local paths need the server "
                    "started with --allow_local_images DIR)", "messages")
-    path = Path(url.removeprefix("file://")).expanduser()
-    resolved = (local_root / path).resolve()  # an absolute path replaces local_root; resolve follows ".." and links
+    shown = f"image {url!r}"
+    try:
+        resolved = (local_root / Path(url.removeprefix("file://")).expanduser()).resolve()
+    except (ValueError, OSError) as e:  # a NUL byte in the path; a name the system cannot take
+        raise _bad(f"{shown} is not a usable file path ({e})", "messages") from None
+    # An absolute path replaces local_root; resolve() has followed ".." and links.
     if not resolved.is_relative_to(local_root):
         raise _bad(f"image path {url!r} is outside the directory the server may read", "messages")
+    return _for_model(_load(resolved, shown), image_size)
+
+
+def _load(path: Path, shown: str) -> Image.Image:
+    """load_image, its errors in the client's words: `shown` for the file (not the server's own path) and no
+    advice about the CLI's --image_file_path."""
     try:
-        return load_image(str(resolved))
+        return load_image(str(path))
     except ImageError as e:
-        raise _bad(str(e), "messages") from None
+        message = str(e)
+        for said in (f"image file {path}", f"image path {path}", str(path)):
+            message = message.replace(said, shown)
+        raise _bad(message.replace("; check --image_file_path", ""), "messages") from None
 
 
-def _message(result: Result, image, vae) -> dict:
-    """The assistant message: the text, plus detections / segments as the CLI's --json builds them."""
-    from segmentation import read_segments  # the CLI's decision of when an answer has masks
+def _for_model(image: Image.Image, image_size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """image -> (what the model sees of it, its original size): the processor's squash done now, so a queued
+    request holds 150 KB (224 px) instead of the full decoded image (a 9400x9400 PNG: 265 MB). The processor's
+    own squash then changes nothing, so the answer is the same; boxes and masks are placed with the original size."""
+    try:
+        return squash(image, image_size), image.size
+    except (ValueError, OSError, TypeError) as e:  # the processor's words for a PIL mode with no RGB conversion
+        raise _bad(f"cannot convert an image of mode {image.mode} to RGB ({e}); save it as RGB", "messages") from None
+
+
+def _sendable(key: str) -> bool:
+    """Whether a client can send `key` as 'Authorization: Bearer KEY': not empty, no spaces at its ends (HTTP
+    drops them from a header's value)."""
+    return bool(key) and key == key.strip()
+
+
+def _message(result: Result, size: tuple[int, int], vae) -> dict:
+    """The assistant message: the text, plus detections / segments in the image's pixels (size: its original
+    (width, height)) as the CLI's --json builds them."""
+    from segmentation import parse_segments
 
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if "<loc" in result.text:
-        boxes, problems = parse_detections(result.text, *image.size)
-        segments, seg_problems = read_segments(result.text, image, vae, lambda note: None)  # its note names a CLI flag
+        boxes, problems = parse_detections(result.text, *size)
+        # segmentation.read_segments' decision (masks need <seg> tokens and the VAE), without its note: it names
+        # a CLI flag, and it needs the image, which is no longer held at its original size.
+        segments, seg_problems = (parse_segments(result.text, *size, vae) if vae is not None and "<seg" in result.text
+                                  else (None, []))
         message["detections"] = [b.to_json() for b in boxes]
         message["problems"] = problems if segments is None else seg_problems
         if segments is not None:
@@ -149,9 +208,14 @@ def _message(result: Result, image, vae) -> dict:
 def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch_size: int = 8,
                max_queue: int = 64, max_body_mb: float = 20.0, allow_local_images: str | None = None,
                model_name: str = "paligemma") -> FastAPI:
-    """The FastAPI app around a loaded model; its worker thread starts now and stops at app shutdown."""
+    """The FastAPI app around a loaded model; its worker thread starts now and stops at app shutdown. api_key:
+    None serves without a key; "" is refused (it would lock every client out)."""
+    if api_key is not None and not (isinstance(api_key, str) and _sendable(api_key)):
+        raise ValueError(f"api_key must be None (no key) or a non-empty string without spaces at its ends, got "
+                         f"{api_key!r}")
     processor = make_processor(model, tokenizer)
     batcher = Batcher(model, processor, max_batch_size, max_queue)
+    positions, prompt_chars = batcher.max_positions, max_prompt_chars(tokenizer, batcher.max_positions)
     local_root = Path(allow_local_images).resolve() if allow_local_images else None
     max_body = int(max_body_mb * 1024 * 1024)
     app = FastAPI(title="PaliGemma", on_shutdown=[batcher.close])
@@ -160,6 +224,20 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(HTTPException)  # Starlette's own: no such route, or a method the route does not take
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        where, allow = f"{request.method} {request.url.path}", (exc.headers or {}).get("Allow")
+        if exc.status_code == 404:
+            message = (f"no such endpoint: {where}; this server answers POST /v1/chat/completions, GET /v1/models "
+                       "and GET /health")
+        elif exc.status_code == 405 and allow:
+            message = f"{where} is not allowed; {request.url.path} takes {allow}"
+        else:
+            message = f"{where}: {exc.detail}"
+        response = ApiError(exc.status_code, message).response()
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -187,6 +265,8 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise _bad("the request body is not valid JSON") from None
+        except RecursionError:  # e.g. 100 000 "[": the parser recurses once per level
+            raise _bad("the request body's JSON is nested too deeply") from None
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object")
         return body
@@ -195,11 +275,20 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
     async def health() -> dict:
         return {"status": "ok", "waiting": batcher.waiting()}
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "local"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check_key(request)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "local"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")  # client.models.retrieve(id)
+    async def model_card(model_id: str, request: Request) -> dict:
+        check_key(request)
+        if model_id != model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {model_name!r}",
+                           code="model_not_found")
+        return card
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -208,15 +297,24 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _bad("'stream' must be true or false", "stream")
-        if body.get("n", 1) not in (1, None):
-            raise _bad("only n = 1 is supported", "n")
-        sampling = parse_sampling(body)
+        n = body.get("n")
+        if n is not None and (type(n) is not int or n != 1):  # not True or 1.0 either (a bool is an int)
+            raise _bad(f"only n = 1 is supported (one answer per request), got {json.dumps(n)[:40]}", "n")
+        sampling, stop = parse_sampling(body), parse_stop(body)
         prompt, url = parse_messages(body)
-        length = len(processor.prompt_ids(prompt))
-        if length + sampling.max_new_tokens > batcher.max_positions:
+        if len(prompt) > prompt_chars:
+            raise _bad(f"the prompt is {len(prompt)} characters: more tokens than the model's {positions} positions "
+                       f"(no token is longer than {prompt_chars // positions} characters); shorten the prompt",
+                       "messages")
+        # Off the event loop: a long prompt takes seconds to tokenize, and every other client would wait.
+        length = len(await asyncio.to_thread(processor.prompt_ids, prompt))
+        if length >= positions:
+            raise _bad(f"the prompt is {length} tokens with the image's {processor.num_image_tokens}, leaving none "
+                       f"of the model's {positions} positions to answer in; shorten the prompt", "messages")
+        if length + sampling.max_new_tokens > positions:
             raise _bad(f"the prompt ({length} tokens with the image's) + max_tokens {sampling.max_new_tokens} exceed "
-                       f"the model's {batcher.max_positions} positions; lower max_tokens", "max_tokens")
-        image = await asyncio.to_thread(read_image, url, local_root)
+                       f"the model's {positions} positions; lower max_tokens", "max_tokens")
+        image, size = await asyncio.to_thread(read_image, url, local_root, processor.image_size)
         loop = asyncio.get_running_loop()
         finished: asyncio.Future = loop.create_future()
         pieces: asyncio.Queue = asyncio.Queue()
@@ -227,17 +325,18 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
         def on_piece(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        job = Job(prompt, image, sampling, done, on_piece if stream else None, length)
+        job = Job(prompt, image, sampling, done, on_piece if stream else None, length, stop)
         if not batcher.submit(job):
             raise ApiError(429, f"the server's queue is full ({max_queue} requests wait); retry later",
                            kind="rate_limit_error")
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": ident, "created": created, "model": model_name}
         if stream:
-            return StreamingResponse(_sse(job, finished, pieces, head), media_type="text/event-stream")
-        result = await _wait(job, finished, request)
+            return StreamingResponse(_sse(job, finished, pieces, head, batcher.cancel),
+                                     media_type="text/event-stream")
+        result = await _wait(job, finished, request, batcher.cancel)
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": _message(result, image, vae),
+                "choices": [{"index": 0, "message": _message(result, size, vae),
                              "finish_reason": result.finish_reason}],
                 "usage": _usage(result)}
 
@@ -257,18 +356,19 @@ def _outcome(outcome: Result | BaseException) -> Result:
     return outcome
 
 
-async def _wait(job: Job, finished: asyncio.Future, request: Request) -> Result:
-    """The job's result; if the client disconnects first, the job is cancelled (its slot freed)."""
+async def _wait(job: Job, finished: asyncio.Future, request: Request, cancel: Callable[[Job], None]) -> Result:
+    """The job's result; if the client disconnects first, the job is cancelled (its queue slot freed)."""
     while True:
         done, _ = await asyncio.wait({finished}, timeout=0.25)
         if done:
             return _outcome(finished.result())
         if await request.is_disconnected():
-            job.cancelled = True
+            cancel(job)
             raise ApiError(499, "client disconnected")
 
 
-async def _sse(job: Job, finished: asyncio.Future, pieces: asyncio.Queue, head: dict):
+async def _sse(job: Job, finished: asyncio.Future, pieces: asyncio.Queue, head: dict,
+               cancel: Callable[[Job], None]) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events: the role, each text piece, the finish reason with usage, [DONE]."""
     def event(delta: dict, finish: str | None = None, **extra: Any) -> str:
         chunk = {**head, "object": "chat.completion.chunk",
@@ -292,7 +392,8 @@ async def _sse(job: Job, finished: asyncio.Future, pieces: asyncio.Queue, head: 
             yield event({}, outcome.finish_reason, usage=_usage(outcome))
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled = not finished.done()  # the client went away mid-stream: free its row
+        if not finished.done():  # the client went away mid-stream: free its queue slot or its row
+            cancel(job)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -314,6 +415,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.max_batch_size < 1 or args.max_queue < 1 or args.max_body_mb <= 0:
         parser.error("--max_batch_size and --max_queue must be >= 1, --max_body_mb > 0")
+    if args.api_key is not None and not _sendable(args.api_key):
+        # An empty key (PALIGEMMA_API_KEY= ...) would lock every client out; spaces at its ends cannot be sent.
+        parser.exit(2, "error: the API key (--api_key, or $PALIGEMMA_API_KEY) is empty or has spaces at its ends, "
+                       "so no client could send it; give a real key, or unset PALIGEMMA_API_KEY to serve without "
+                       "one\n")
     import uvicorn
 
     from segmentation import load_vae, resolve_vae_path

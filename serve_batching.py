@@ -2,16 +2,16 @@
 
 serve.py submits a `Job` per chat request; the worker takes up to max_batch_size waiting greedy jobs at once and
 runs them as one left-padded batch through generation.generate_ids (as the CLI's --batch_size does), each row cut
-at its own max_tokens. A sampled job (temperature > 0) runs alone: generate_ids draws every row from one seeded
-generator, so a sampled row in a batch would not get the answer its seed gives it alone. Checked by
-tests/test_serve.py (concurrent clients get the answers they get alone).
+at its own max_tokens or before its first stop string (StopStrings). A sampled job (temperature > 0) runs alone:
+generate_ids draws every row from one seeded generator, so a sampled row in a batch would not get the answer its
+seed gives it alone. Checked by tests/test_serve.py (concurrent clients get the answers they get alone).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,7 +27,7 @@ class Result:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS) or "length" (max_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
 
 
 @dataclass(eq=False)
@@ -40,11 +40,53 @@ class Job:
     done: Callable[[Result | BaseException], None]
     on_piece: Callable[[str], None] | None = None
     prompt_length: int = 0  # the prompt's tokens, image tokens included (the batch must fit the positions)
-    cancelled: bool = field(default=False)  # set by the server when the client went away
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these to appear (OpenAI's `stop`)
+    cancelled: bool = field(default=False)  # set by Batcher.cancel when the client went away
+
+
+class StopStrings:
+    """One answer's text, fed piece by piece (TextStream's pieces), cut before the first stop string to appear.
+
+    push() returns only text that is final: a tail that could be the start of a stop string is held back until
+    the next piece settles it, so a stream never shows text past the cut, even when a stop string is split over
+    pieces. Streamed and unstreamed answers are cut by this one object, so they agree.
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.text = ""  # the pieces so far (after a stop string: the text before it)
+        self.sent = 0  # text[:sent] has been returned
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        """Add one piece; returns the text that became final with it (often "")."""
+        if self.stopped or not piece:
+            return ""
+        self.text += piece
+        # A stop string cannot start before `sent`: any tail that could have begun one was held back.
+        hits = [i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
+        if hits:
+            self.stopped, self.text = True, self.text[:min(hits)]
+            ready = len(self.text)
+        else:
+            tail = self.text[self.sent:]
+            ready = self.sent + next((j for j in range(len(tail)) if any(s.startswith(tail[j:]) for s in self.stops)),
+                                     len(tail))
+        out, self.sent = self.text[self.sent:ready], ready
+        return out
+
+    def finish(self) -> str:
+        """The held-back tail, once no more pieces come."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
 
 
 class _AllCancelled(Exception):
     """Every client of the running batch disconnected: stop decoding for nobody."""
+
+
+class _AllFinished(Exception):
+    """Every row of the running batch reached a stop string, EOS or its max_tokens (or lost its client)."""
 
 
 class Batcher:
@@ -70,6 +112,14 @@ class Batcher:
             self._queue.append(job)
             self._cond.notify()
             return True
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: a waiting job leaves the queue now, so that /health and the max_queue check count
+        only live requests; a job in the running batch is marked, and the batch stops once all of its are."""
+        with self._cond:
+            job.cancelled = True
+            if job in self._queue:  # Job compares by identity
+                self._queue.remove(job)
 
     def waiting(self) -> int:
         with self._cond:
@@ -135,29 +185,63 @@ class Batcher:
         tokenizer = self.processor.tokenizer
         limits = [job.sampling.max_new_tokens for job in batch]
         inputs = self.processor(text=[job.prompt for job in batch], images=[job.image for job in batch])
-        streams = [TextStream(tokenizer, self.eos) for _ in batch]
-        step = [0]
+        # The text is followed while decoding for rows that stream or have stop strings (each step then costs one
+        # device sync, as streaming always did); a batch of neither only collects the ids.
+        streams = [TextStream(tokenizer, self.eos) if job.on_piece or job.stop else None for job in batch]
+        stoppers = [StopStrings(job.stop) if job.stop else None for job in batch]
+        follow = any(stream is not None for stream in streams)
+        stopped_at: list[int | None] = [None] * len(batch)  # tokens generated when the row's stop string showed
+        finished = [False] * len(batch)
+        steps: list[torch.Tensor] = []
+
+        def send(i: int, piece: str) -> None:
+            if batch[i].on_piece is not None and piece:
+                batch[i].on_piece(piece)
+
+        def emit(i: int, piece: str) -> None:  # a piece of the row's text: through its stop strings, if any
+            send(i, piece if stoppers[i] is None else stoppers[i].push(piece))
 
         def on_token(tokens: torch.Tensor) -> None:
             if all(job.cancelled for job in batch):
                 raise _AllCancelled
-            for i, job in enumerate(batch):
+            step = len(steps)
+            steps.append(tokens)
+            if not follow:
+                return
+            for i, token in enumerate(tokens.tolist()):
                 # A row past its own max_tokens is decoded only because a batch-mate asked for more: not its text.
-                if job.on_piece is not None and step[0] < limits[i] and (piece := streams[i].push(int(tokens[i]))):
-                    job.on_piece(piece)
-            step[0] += 1
+                if finished[i]:
+                    continue
+                if streams[i] is not None:
+                    emit(i, streams[i].push(token))
+                    if stoppers[i] is not None and stoppers[i].stopped:
+                        stopped_at[i] = step + 1
+                finished[i] = stopped_at[i] is not None or token in self.eos or step + 1 >= limits[i]
+            # A row cut at its stop string sends no EOS: generate_ids would decode on to max_tokens for it.
+            if any(stopped_at) and all(finished[i] or job.cancelled for i, job in enumerate(batch)):
+                raise _AllFinished
 
         # Greedy rows share the settings but for max_tokens; a sampled job is alone in its batch.
         sampling = replace(batch[0].sampling, max_new_tokens=max(limits))
-        ids = generate_ids(self.model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                           on_token=on_token, sampling=sampling).cpu()
+        try:
+            generate_ids(self.model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
+                         on_token=on_token, sampling=sampling)
+        except _AllFinished:
+            pass
+        ids = torch.stack(steps, dim=1).cpu()  # the rows' ids, as generate_ids returns them
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         results = []
-        for i, job in enumerate(batch):
+        for i in range(len(batch)):
             row = ids[i, :limits[i]].tolist()
             ended = next((n for n, t in enumerate(row) if t in self.eos), None)
-            if job.on_piece is not None and (rest := streams[i].finish()):
-                job.on_piece(rest)
-            results.append(Result(decode_text(tokenizer, ids[i, :limits[i]], self.eos), int(prompt_lengths[i]),
-                                  len(row) if ended is None else ended + 1, "length" if ended is None else "stop"))
+            completion, reason = (len(row), "length") if ended is None else (ended + 1, "stop")
+            if streams[i] is not None:
+                emit(i, streams[i].finish())
+            if stoppers[i] is not None:
+                send(i, stoppers[i].finish())
+            if stoppers[i] is not None and stoppers[i].stopped:
+                text, completion, reason = stoppers[i].text, stopped_at[i] or completion, "stop"
+            else:
+                text = decode_text(tokenizer, ids[i, :limits[i]], self.eos)
+            results.append(Result(text, int(prompt_lengths[i]), completion, reason))
         return results

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+import torch
 import uvicorn
 from conftest import random_image
 
@@ -195,8 +196,16 @@ def _body(prompt="caption en", url=None, **extra) -> bytes:
     (_body(), None, 401, None),
     (_body(), "wrong", 401, None),
     (_body(url="data:image/png;base64," + "A" * 600_000), KEY, 413, None),
+    (b"[" * 100_000, KEY, 400, None),
+    (_body(url="img\x00.png"), KEY, 400, "messages"),
+    (_body(n=True), KEY, 400, "n"),
+    (_body(n=1.0), KEY, 400, "n"),
+    (_body(stop=5), KEY, 400, "stop"),
+    (_body(stop=["a", "b", "c", "d", "e"]), KEY, 400, "stop"),
+    (_body(stop=[""]), KEY, 400, "stop"),
 ], ids=["json", "base64", "image", "no-image-part", "remote-url", "temperature", "top_p", "max_tokens", "seed",
-        "positions", "no-key", "wrong-key", "too-big"])
+        "positions", "no-key", "wrong-key", "too-big", "nested-json", "nul-in-path", "n-true", "n-float",
+        "stop-type", "stop-count", "stop-empty"])
 def test_errors_in_openai_shape_and_server_survives(server, body, key, status, param):
     code, reply = _raw(server, body, key)
     assert code == status, reply
@@ -223,7 +232,7 @@ def test_detection_answer_carries_the_clis_boxes():
     from serve_batching import Result
 
     text = "<loc0000><loc0000><loc1023><loc1023> cat ; <loc0100> dog"
-    message = _message(Result(text, 1, 1, "stop"), random_image(1, size=(64, 48)), None)
+    message = _message(Result(text, 1, 1, "stop"), (64, 48), None)
     assert message["content"] == text
     assert message["detections"] == [{"label": "cat", "box": [0.0, 0.0, 64.0, 48.0], "loc": [0, 0, 1023, 1023]}]
     assert len(message["problems"]) == 1 and "segments" not in message
@@ -232,7 +241,6 @@ def test_detection_answer_carries_the_clis_boxes():
 def test_segmentation_answer_carries_masks(tmp_path):
     """With the mask VAE, `segments` holds each mask as COCO RLE: decoded, it is big_vision's pasted mask."""
     import numpy as np
-    from PIL import Image
     from pycocotools import mask as coco_mask
     from test_segmentation import GOLDEN, unpack, vae_arrays
 
@@ -244,8 +252,151 @@ def test_segmentation_answer_carries_masks(tmp_path):
         golden = dict(g)
     np.savez(tmp_path / "vae-oid.npz", **vae_arrays(golden))
     text, (w, h) = str(golden["paste_texts"][0]), (int(v) for v in golden["paste_sizes"][0])
-    message = _message(Result(text, 1, 1, "stop"), Image.new("RGB", (w, h)), load_vae(tmp_path / "vae-oid.npz"))
+    message = _message(Result(text, 1, 1, "stop"), (w, h), load_vae(tmp_path / "vae-oid.npz"))
     (segment,) = message["segments"]
     rle = {"size": segment["mask"]["size"], "counts": segment["mask"]["counts"].encode()}
     assert np.array_equal(coco_mask.decode(rle).astype(bool), unpack(golden["paste_mask_0"], h, w))
     assert message["problems"] == [] and len(message["detections"]) == 1
+
+
+def test_image_errors_in_the_clients_words(server):
+    """A local path is named as the client sent it (never the server's own path), a data URL as "the image data";
+    no advice about the CLI's flags."""
+    code, reply = _raw(server, _body(url="nope.png"))
+    message = reply["error"]["message"]
+    assert code == 400 and message.startswith("image 'nope.png' does not exist"), message
+    assert str(server["local"]) not in message and "--" not in message
+    code, reply = _raw(server, _body(url="data:image/png;base64,"))
+    assert code == 400 and reply["error"]["message"].startswith("the image data is empty"), reply
+
+
+def test_queued_image_is_held_at_the_models_size(server, client):
+    """read_image keeps only what the model sees (image_size², RGB) and the original size: the pixels the model
+    gets are the same, and so are the answer and the boxes, placed in the original image's pixels."""
+    from processing_paligemma import parse_detections
+    from serve import read_image
+
+    processor = server["model_processor"][1]
+    image = random_image(6, size=(300, 200), mode="RGBA")
+    small, size = read_image(_data_url(image), None, processor.image_size)
+    assert small.size == (processor.image_size,) * 2 and small.mode == "RGB" and size == (300, 200)
+    assert torch.equal(processor("x", small)["pixel_values"], processor("x", image)["pixel_values"])
+    message = _ask(client, "detect cat", image).choices[0].message
+    assert message.content == server["alone"]("detect cat", image)
+    assert message.model_extra["detections"] == [b.to_json() for b in parse_detections(message.content, 300, 200)[0]]
+
+
+def test_long_prompts_are_refused_naming_the_prompt(server):
+    """A prompt longer than any that fits is refused before it is tokenized; one that fills the positions alone
+    blames the prompt, not max_tokens."""
+    batcher = server["app"].state.batcher
+    positions, longest = batcher.max_positions, max(map(len, batcher.processor.tokenizer.get_vocab()))
+    code, reply = _raw(server, _body(prompt="a" * (positions * longest + 1)))
+    assert code == 400 and reply["error"]["param"] == "messages" and "characters" in reply["error"]["message"]
+    prompt = "a " * positions
+    assert len(batcher.processor.prompt_ids(prompt)) >= positions
+    code, reply = _raw(server, _body(prompt=prompt))
+    assert code == 400 and reply["error"]["param"] == "messages" and "shorten the prompt" in reply["error"]["message"]
+
+
+def test_tokenizing_leaves_the_event_loop_free(server, monkeypatch):
+    """While one request's prompt is tokenized, /health still answers at once."""
+    processor = server["app"].state.batcher.processor
+    tokenize, slept = processor.prompt_ids, []
+
+    def slow(prompt):
+        if prompt == "caption slowly" and not slept:  # the handler's call (the worker tokenizes it again)
+            slept.append(time.sleep(1.5))
+        return tokenize(prompt)
+
+    monkeypatch.setattr(processor, "prompt_ids", slow)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_raw, server, _body(prompt="caption slowly"))
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert _raw(server, None, path="/health")[0] == 200
+        assert time.monotonic() - start < 0.75
+        assert answer.result()[0] == 200
+
+
+def test_disconnected_clients_leave_the_queue(server):
+    """Clients that go away while they wait free their places at once (/health and the max_queue check count only
+    live requests), streaming or not."""
+    batcher = server["app"].state.batcher
+    address = server["url"].removeprefix("http://")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+
+    def send(stream: bool, max_tokens: int) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(address, timeout=60)
+        body = json.loads(_body())
+        body.update(stream=stream, max_tokens=max_tokens)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        return conn
+
+    def wait_for(waiting: int) -> bool:
+        deadline = time.monotonic() + 5
+        while batcher.waiting() != waiting and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return batcher.waiting() == waiting
+
+    busy = send(True, 4000)  # keeps the worker busy: the next requests wait
+    assert busy.getresponse().readline().startswith(b"data: ")
+    try:
+        for stream in (False, True):
+            waiter = send(stream, 2)
+            assert wait_for(1)
+            waiter.sock.shutdown(socket.SHUT_RDWR)
+            waiter.close()
+            assert wait_for(0)
+    finally:
+        busy.close()  # its batch stops (test_disconnected_stream_stops_its_batch)
+
+
+def test_stop_strings_cut_the_answer(server, client):
+    """The answer ends before the stop string, also when the stop string is split over streamed pieces, with
+    finish_reason "stop"; the stream shows nothing past the cut."""
+    image, pieces = random_image(2), []
+    full = generate(*server["model_processor"], "caption en", image, max_new_tokens=12, on_text=pieces.append)[0]
+    k = len(pieces) // 2
+    stop = pieces[k - 1][-2:] + pieces[k][:2]  # across a piece boundary
+    expected = full[:full.find(stop)]
+    reply = _ask(client, "caption en", image, max_tokens=12, stop=["never in it", stop])
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens < 12  # decoding stopped there
+    chunks = list(_ask(client, "caption en", image, max_tokens=12, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_stop_strings_hold_back_a_possible_start():
+    from serve_batching import StopStrings
+
+    cut = StopStrings(["</s>"])
+    assert [cut.push(p) for p in ["a<", "/", "x", "</", "s>tail", "more"]] == ["a", "", "</x", "", "", ""]
+    assert cut.stopped and cut.text == "a</x" and cut.finish() == ""
+    free = StopStrings(["</s>"])
+    assert [free.push(p) for p in ["a</", "b"]] + [free.finish()] == ["a", "</b", ""]
+
+
+def test_unknown_routes_and_model_retrieve_in_openai_shape(server, client):
+    for body, path, status in [(None, "/nope", 404), (None, "/v1/chat/completions", 405),
+                               (b"{}", "/v1/completions", 404)]:
+        code, reply = _raw(server, body, path=path)
+        assert code == status and set(reply["error"]) >= {"message", "type", "param", "code"}, reply
+    assert client.models.retrieve("paligemma").id == "paligemma"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize("argv, env", [(["--api_key", ""], None), ([], ""), (["--api_key", " key "], None)])
+def test_empty_api_key_is_refused_at_startup(argv, env, monkeypatch, capsys):
+    """An empty key would lock every client out: one error line, exit 2, before the model loads."""
+    import serve
+
+    monkeypatch.delenv("PALIGEMMA_API_KEY", raising=False)
+    if env is not None:
+        monkeypatch.setenv("PALIGEMMA_API_KEY", env)
+    with pytest.raises(SystemExit) as exit_info:
+        serve.main(["--model_path", "/nonexistent-checkpoint", *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: the API key") and err.count("\n") == 1
