@@ -11,7 +11,8 @@ message, at the start, through torchrun's key-value store (rank 0 repairs and re
 of images still to answer; no process group, no collective); the end needs none: rank 0 waits for the other
 ranks' lines to reach the disk, so a rank that finishes early just exits. A rerun (or torchrun's restart) reads
 the part files and the output, skips every image answered there, and drops a torn last line (killed mid-write),
-whose image is then answered again.
+whose image is then answered again. The settings that decide the answers are kept beside the output, in
+`out.jsonl.run.json`, also after the merge: a rerun with other settings is refused before any line counts.
 
 Checked by tests/test_batch_run.py: torchrun with 2 CPU ranks gives the single process's file byte for byte, a
 rank SIGKILLed mid-write is recovered by torchrun's restart, an interrupted run resumes with its torn line redone.
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli_checks import RunFailed, UsageError, log
+from cli_checks import OutputError, RunFailed, UsageError, log, one_line
 
 # Rank 0 gives up waiting when no part file has grown for this long (a rank or host was lost without torchrun
 # noticing); the error exit makes torchrun restart the group, or the user reruns, and the work resumes.
@@ -93,7 +94,7 @@ def read_image_list(list_file: str, image_file_path) -> list[str]:
         raise UsageError("give --image_file_path or --image_list, not both")
     p = Path(str(list_file))
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not in the first path
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--image_list {p} cannot be read ({type(e).__name__}); give a UTF-8 text file with one "
                          "image path per line") from None
@@ -101,6 +102,15 @@ def read_image_list(list_file: str, image_file_path) -> list[str]:
     if not paths:
         raise UsageError(f"--image_list {p} names no images; give one image path per line")
     return paths
+
+
+def path_text(path: str | os.PathLike) -> str:
+    """A path as the "path" of a JSON record: valid UTF-8 text. A file name that is not UTF-8 reaches Python with
+    lone surrogates ('\udce9' for byte 0xE9), which no UTF-8 writer takes; such bytes become the text "\\xe9"."""
+    try:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name gives (from Python, not the command line)
+        return os.fspath(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -131,9 +141,11 @@ class Job:
     """One `--output` run of one rank: plan() (rank 0 decides who answers what), answer() (this rank's share into
     its part file), finish() (rank 0: wait for all, merge, summarise)."""
 
-    def __init__(self, output: str, paths: Sequence[str], settings: dict, rank: Rank):
-        self.output, self.paths, self.settings, self.rank = check_output(output, paths), list(paths), settings, rank
+    def __init__(self, output: str, paths: Sequence[str], settings: dict, rank: Rank, image_list: str | None = None):
+        self.output = check_output(output, paths, image_list)
+        self.paths, self.settings, self.rank = list(paths), settings, rank
         self.parts = self.output.with_name(self.output.name + ".parts")
+        self.manifest = self.output.with_name(self.output.name + ".run.json")  # the settings; kept after the merge
         self.part = self.parts / f"rank-{rank.rank:05d}.jsonl"
         self.shares: list[np.ndarray] = []
         self.part_sizes: dict[Path, int] = {}
@@ -144,10 +156,10 @@ class Job:
         return self.shares[self.rank.rank].tolist() if self.shares else []
 
     def plan(self) -> list[int]:
-        """Rank 0 checks the settings against the parts' run.json, repairs torn lines, finds what is answered and
-        splits the rest into contiguous shares, one per rank; under torchrun it sends that to the other ranks,
-        which wait for it (so no rank writes while rank 0 reads). Returns this rank's share: the input indices it
-        must answer."""
+        """Rank 0 checks the settings against OUT.run.json, repairs torn lines, finds what is answered and splits
+        the rest into contiguous shares, one per rank; under torchrun it sends that to the other ranks, which wait
+        for it (so no rank writes while rank 0 reads). Returns this rank's share: the input indices it must
+        answer."""
         plan: object = None
         if self.rank.rank == 0:
             try:
@@ -173,7 +185,11 @@ class Job:
             for start in range(0, len(share), batch_size):
                 indices = share[start:start + batch_size]
                 lines = answer_lines(indices)
-                _append(f, "".join(f"{i}\t{line}\n" for i, line in zip(indices, lines, strict=True)).encode())
+                data = "".join(f"{i}\t{line}\n" for i, line in zip(indices, lines, strict=True)).encode()
+                try:
+                    _append(f, data)
+                except OSError as e:  # a full disk: the lines written so far stay, a torn last one is cut on rerun
+                    raise _cannot_write(self.part, e) from None
                 bar.update(len(indices))
 
     def finish(self) -> int:
@@ -196,7 +212,7 @@ class Job:
         failed = int(found.error.sum())
         answered = sum(len(s) for s in self.shares)
         took = time.perf_counter() - self.started
-        print(f"{self.output}: {len(self.paths)} images, {answered} answered now in {took:.1f} s "
+        print(f"{path_text(self.output)}: {len(self.paths)} images, {answered} answered now in {took:.1f} s "
               f"({answered / took if took > 0 else 0:.2f} images/s with the model load, {self.rank.world} "
               f"process{'es' * (self.rank.world != 1)}), {len(self.paths) - answered} from before, {failed} unreadable",
               flush=True)
@@ -207,9 +223,12 @@ class Job:
 
     def _scan(self, repair: bool) -> _Found:
         """What is answered already: the output's line k counts for index k if it names paths[k]; a part file's
-        line counts if complete. repair (rank 0, before anyone writes): the run.json check, and each part file cut
-        back to its last complete line."""
+        line counts if complete. repair (rank 0, before anyone writes): the settings check (first: no line counts
+        before it), and each part file cut back to its last complete line."""
         found = _Found.empty(len(self.paths), self.output)
+        if repair:
+            self._check_settings()
+            self.parts.mkdir(exist_ok=True)
         if self.output.is_file():
             with open(self.output, "rb") as f:
                 offset = 0
@@ -219,9 +238,6 @@ class Job:
                         found.add(k, 0, offset, line[:-1], record)
                     offset += len(line)
                     found.output_lines = k + 1
-        if repair:
-            self.parts.mkdir(exist_ok=True)
-            self._check_settings()
         for part in sorted(self.parts.glob("rank-*.jsonl")) if self.parts.is_dir() else []:
             found.files.append(part)
             good = _read_part(part, self.paths, found, len(found.files) - 1)
@@ -234,17 +250,31 @@ class Job:
         return found
 
     def _check_settings(self) -> None:
-        """run.json in the parts directory holds the settings that decide the answers; a rerun must match them."""
-        manifest = self.parts / "run.json"
-        if manifest.exists():
-            before = json.loads(manifest.read_text())
-            changed = sorted(k for k in before.keys() | self.settings.keys() if before.get(k) != self.settings.get(k))
-            if changed:
-                raise UsageError(f"{self.parts} holds part of a run with other settings ({', '.join(changed)}: "
-                                 f"{', '.join(repr(before.get(k)) for k in changed)}); rerun that command to finish "
-                                 f"it, or delete {self.parts} to start over")
-        else:
-            _write_atomic(manifest, json.dumps(self.settings, sort_keys=True).encode())
+        """OUT.run.json holds the settings that decided the answers on disk (in the output or the parts); a rerun
+        must match them. With no answer on disk, this run's settings are recorded there before its first answer."""
+        holders = [p for p in (self.output, self.parts) if p.exists()]
+        answered = [p for p in (self.output, *self.parts.glob("rank-*.jsonl")) if p.is_file() and p.stat().st_size]
+        if not answered:
+            _write_atomic(self.manifest, json.dumps(self.settings, sort_keys=True).encode())
+            return
+        answers = f"the answers in {_listed(holders)}"
+        start_over = f"give another --output, or delete {_listed([*holders, self.manifest])} to start over"
+        try:
+            before = json.loads(self.manifest.read_bytes())
+        except FileNotFoundError:
+            raise UsageError(f"{answers} have no record of the settings they were made with ({self.manifest} is "
+                             f"missing); {start_over}") from None
+        except (OSError, ValueError) as e:
+            before = one_line(e)
+        if not isinstance(before, dict) or not before.keys() >= self.settings.keys():
+            raise UsageError(f"{self.manifest}, the record of the settings of {answers}, is damaged (not a JSON "
+                             f"object with every setting{f': {before}' if isinstance(before, str) else ''}); "
+                             f"{start_over}")
+        changed = sorted(k for k in before.keys() | self.settings.keys() if before.get(k) != self.settings.get(k))
+        if changed:
+            raise UsageError(f"{answers} were made with other settings ({', '.join(changed)}: "
+                             f"{', '.join(repr(before.get(k)) for k in changed)}); rerun with those to finish or "
+                             f"reuse them, {start_over}")
 
     def _wait_for_ranks(self) -> None:
         """Until each rank's part file holds its share: counts the new complete lines, reading only what was added
@@ -272,17 +302,24 @@ class Job:
             time.sleep(POLL_S)
 
 
-def check_output(output: str, image_paths: Sequence[str]) -> Path:
-    """--output: a file name in an existing, writable directory, not an input image (checked before the model)."""
+def check_output(output: str, image_paths: Sequence[str], image_list: str | None = None) -> Path:
+    """--output: a file name in an existing, writable directory, not an input image or the --image_list file, and
+    if it exists a regular file: the merged output is renamed onto it, which would replace a device (/dev/null), a
+    FIFO or a symlink by a plain file. Checked before the model loads."""
     out = Path(str(output))
     if out.is_dir():
         raise UsageError(f"--output {out} is a directory; give a file name such as {out / 'answers.jsonl'}")
     if not out.parent.is_dir():
         raise UsageError(f"--output {out}: directory {out.parent} does not exist")
+    if out.is_symlink() or (out.exists() and not out.is_file()):
+        raise UsageError(f"--output {out} exists and is not a regular file (a symlink, device, FIFO or socket), which "
+                         "the finished output would replace; give the path of a regular file")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise UsageError(f"--output {out} is not writable; check the directory's permissions")
     if os.path.abspath(out) in {os.path.abspath(p) for p in image_paths}:
         raise UsageError(f"--output {out} is one of the input images; give another path")
+    if image_list is not None and out.exists() and os.path.samefile(out, str(image_list)):
+        raise UsageError(f"--output {out} is the --image_list file; give another path")
     return out
 
 
@@ -292,7 +329,7 @@ def _record(json_line: bytes, paths: Sequence[str], index: int) -> dict | None:
         record = json.loads(json_line)
     except ValueError:
         return None
-    ok = index < len(paths) and isinstance(record, dict) and record.get("path") == paths[index]
+    ok = index < len(paths) and isinstance(record, dict) and record.get("path") == path_text(paths[index])
     return record if ok else None
 
 
@@ -321,7 +358,8 @@ def _append(f, data: bytes) -> None:
 
 def _merge(found: _Found, output: Path) -> None:
     """The output in input order, each record's bytes copied from where it was found: written under a temporary
-    name in the same directory, fsynced, renamed into place (a reader never sees half a file)."""
+    name in the same directory, fsynced, renamed into place (a reader never sees half a file; on a full disk the
+    old output and the parts stay as they were)."""
     tmp = output.with_name(f".{output.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     fds = [os.open(p, os.O_RDONLY) for p in found.files[:1] if p.is_file()] or [-1]
     fds += [os.open(p, os.O_RDONLY) for p in found.files[1:]]
@@ -333,6 +371,8 @@ def _merge(found: _Found, output: Path) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, output)
+    except OSError as e:
+        raise _cannot_write(output, e) from None
     finally:
         for fd in fds:
             if fd >= 0:
@@ -342,9 +382,28 @@ def _merge(found: _Found, output: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """A small file whole or not at all, on disk (with its name) before anything that relies on it is written."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, e) from None
+
+
+def _listed(paths: Sequence[Path]) -> str:
+    """"a", "a and b", "a, b and c": the paths that exist."""
+    names = [str(p) for p in paths if p.exists()]
+    return ", ".join(names[:-1]) + " and " * (len(names) > 1) + names[-1]
+
+
+def _cannot_write(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"cannot write {path} ({e.strerror or one_line(e)}); check the disk space and the directory")
 
 
 def _fsync_dir(directory: Path) -> None:

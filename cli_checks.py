@@ -18,7 +18,6 @@ import inspect
 import os
 import signal
 import stat
-import struct
 import sys
 import textwrap
 import threading
@@ -56,9 +55,9 @@ class OutputError(ValueError):
 def load_image(path: str) -> Image.Image:
     """Open an image file fully (so truncation is caught here), apply EXIF orientation as transformers does.
 
-    Raises ImageError for a missing path, a directory, an empty/unreadable/truncated file, or one above Pillow's
-    decompression-bomb limit (Image.MAX_IMAGE_PIXELS; refused already at 1x, where Pillow only warns). An
-    animated image gives its first frame, with a note on stderr.
+    Raises ImageError for a missing path, a directory, an empty/unreadable/truncated file, one Pillow fails to
+    decode for any reason (damaged data), or one above Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS;
+    refused already at 1x, where Pillow only warns). An animated image gives its first frame, with a note on stderr.
     """
     p = Path(path)
     if not str(path):
@@ -95,7 +94,11 @@ def load_image(path: str) -> Image.Image:
         ) from None
     except PermissionError:
         raise ImageError(f"image file {p} cannot be read (permission denied); check its permissions") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 — only Pillow runs in the try block
+        # Pillow's decoders raise almost anything on damaged data: OSError, SyntaxError, struct.error, but also
+        # TypeError (a TIFF page without ImageWidth), NotImplementedError (a DDS pixel format), KeyError, ...
         raise ImageError(
             f"image file {p} is truncated or corrupt ({one_line(e)}); re-download or re-save it"
         ) from None
@@ -332,8 +335,9 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def describe(e: BaseException, stage: str) -> tuple[int, str]:
-    """An exception -> (exit code, the one-line message after "error: ")."""
+def describe(e: BaseException, stage: str, oom_hint: str | None = None) -> tuple[int, str]:
+    """An exception -> (exit code, the one-line message after "error: "). oom_hint: what to do after running out
+    of memory, for a program whose flags differ (default: inference.py's advice, naming its flags)."""
     if isinstance(e, KeyboardInterrupt):
         signum = getattr(e, "signum", signal.SIGINT)
         if signum == signal.SIGINT:
@@ -343,7 +347,9 @@ def describe(e: BaseException, stage: str) -> tuple[int, str]:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
     if oom:
         detail = f" ({one_line(e)[:200]})" if str(e) else ""
-        if stage == "generating":
+        if oom_hint is not None:
+            hint = oom_hint
+        elif stage == "generating":
             hint = "lower --max_tokens_to_generate, use --dtype bfloat16, or use a device with more memory"
         else:
             hint = "try --dtype bfloat16 (half of float32), a smaller checkpoint, or a device with more memory"
@@ -422,13 +428,27 @@ def output_image_paths(output_image, image_paths: Sequence[str], many: bool) -> 
         if not out.parent.is_dir():
             raise UsageError(f"--output_image {out}: directory {out.parent} does not exist")
         targets = [out]
+    # O(N): the targets that exist, by (device, inode), then one stat per input image only if any exists (so a
+    # fresh directory costs no stat of the images: an --image_list of millions is not walked here).
+    existing: dict[tuple[int, int], Path] = {}
     for target in targets:
-        if target.exists() and not target.is_file():
+        try:
+            st = target.stat()
+        except OSError:  # absent (or a symlink loop, which the save then reports)
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
             raise UsageError(f"--output_image {target} exists and is not a regular file (a device, FIFO or socket); "
                              "give the path of an image file")
-        if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        if not os.access(target.parent, os.W_OK) or (st is not None and not os.access(target, os.W_OK)):
             raise UsageError(f"--output_image {target} is not writable; check the directory's permissions")
-        for src in image_paths:
-            if target.exists() and Path(src).exists() and target.samefile(src):
-                raise UsageError(f"--output_image {target} is the input image {src}; give another path")
+        if st is not None:
+            existing[st.st_dev, st.st_ino] = target
+    for src in image_paths if existing else ():
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in existing:
+            raise UsageError(f"--output_image {existing[st.st_dev, st.st_ino]} is the input image {src}; give "
+                             "another path")
     return targets

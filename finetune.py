@@ -31,7 +31,6 @@ from tqdm import tqdm
 import ops
 from cli_checks import (
     EXIT_BAD_INPUT,
-    EXIT_FAILURE,
     Flag,
     UsageError,
     check_options,
@@ -59,7 +58,7 @@ STATE_FILE = "trainer_state.pt"
 RUN_SETTINGS = ("model_path", "data", "preset", "batch_size", "grad_accum", "learning_rate", "warmup", "weight_decay",
                 "max_grad_norm", "epochs", "steps", "loss_reduction", "eval_fraction", "seed")
 LORA_SETTINGS = ("lora_rank", "lora_alpha")
-# cli_checks.describe's out-of-memory hint names inference.py's --dtype, which finetune.py does not have.
+# Out-of-memory hints in finetune.py's own flags (cli_checks.describe's default names inference.py's --dtype).
 OOM_HINT_TRAINING = ("lower --batch_size (raise --grad_accum to keep the examples per step), add "
                      "--gradient_checkpointing, use --preset lora, or use a device with more memory")
 OOM_HINT_LOADING = "training loads the model in float32: use a smaller checkpoint or a device with more memory"
@@ -360,10 +359,7 @@ def main(*args: Any, **flags: Any) -> None:
     except BaseException as e:  # noqa: BLE001 — every failure becomes one line; --debug shows the traceback
         if options.debug is True or isinstance(e, SystemExit):
             raise
-        code, message = describe(e, stage)
-        if code == EXIT_FAILURE and message.startswith("out of memory while "):  # replace inference.py's hint
-            hint = OOM_HINT_TRAINING if stage == "training" else OOM_HINT_LOADING
-            message = f"{message.rsplit('; ', 1)[0]}; {hint}"
+        code, message = describe(e, stage, oom_hint=OOM_HINT_TRAINING if stage == "training" else OOM_HINT_LOADING)
         if isinstance(e, KeyboardInterrupt):
             message += "; continue with --resume from the last checkpoint"
         log(f"error: {message}")

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from batch_run import Job, Rank, read_image_list
+from batch_run import Job, Rank, path_text, read_image_list
 from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -84,7 +84,7 @@ from processing_paligemma import Detection, check_prompt, draw_detections, parse
 from quantize import check_method
 from run_stats import RunStats
 from segmentation import HUB_VAE, Segment, draw_segments, load_vae, read_segments, resolve_vae_path
-from utils import load_hf_model, resolve_device_dtype
+from utils import load_hf_model, loads_as_int8, resolve_device_dtype
 
 
 def _at_least(low: float) -> Callable[[Any], bool]:
@@ -201,6 +201,10 @@ def main(*args: Any, **flags: Any) -> None:
         rank = Rank.from_env()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK...; rank 0 of 1 without it
         device, dtype = resolve_device_dtype(rank.device("cpu" if options.only_cpu else options.device), options.dtype,
                                              check_method(options.quantize))
+        if os.path.isdir(str(options.model_path)) and loads_as_int8(options.model_path, options.quantize):
+            # A checkpoint saved by quantize.py is int8 without --quantize: bfloat16 float parts by default, as
+            # load_hf_model decides (a hub id's files are there only after the download: the loader decides).
+            dtype = resolve_device_dtype(device, options.dtype, "int8")[1]
         rank.bind(device)  # under torchrun: its share of the CPU cores, or its GPU as the current device
         if rank.launched and options.output is None:
             raise UsageError("under torchrun give --output FILE.jsonl: each rank answers its share into it")
@@ -222,15 +226,17 @@ def main(*args: Any, **flags: Any) -> None:
             # What decides the answers: a resumed run refuses to mix in answers made with other values.
             settings = {f: getattr(options, f) for f in ("prompt", "max_tokens_to_generate", "do_sample",
                                                          "temperature", "top_p", "top_k", "seed", "quantize")}
-            settings.update(model_path=str(options.model_path), dtype=str(dtype))
-            job = Job(options.output, paths, settings, rank)
+            settings.update(model_path=str(options.model_path), dtype=str(dtype), vae_path=vae_path)
+            job = Job(options.output, paths, settings, rank, options.image_list)
             if not job.plan():  # nothing left for this rank: no model to load
                 return _exit_if_failed(job.finish(), len(paths), options.output)
         stage = "loading the model"
         started = time.perf_counter()
         # Packing bf16 weights pays only over many answers (ops.PACK_MIN_ANSWERS), and then where the CPU can.
         pack = None if len(paths) >= PACK_MIN_ANSWERS else False
-        model, tokenizer = load_hf_model(str(options.model_path), device, dtype, pack=pack, quantize=options.quantize)
+        # options.dtype, not dtype: the loader resolves it the same way, and also for a hub id's int8 checkpoint.
+        model, tokenizer = load_hf_model(str(options.model_path), device, options.dtype, pack=pack,
+                                         quantize=options.quantize)
         stage = "generating"  # before the "loaded" line: what follows it is generation
         log(f"loaded {options.model_path} on {model.device} as {model.dtype}")
         stats = RunStats(time.perf_counter() - started, model.config.eos_token_id) if options.verbose else None
@@ -314,8 +320,8 @@ def _answer_batch(model, processor, run: _Run, paths, indices, drawings) -> list
     for i, path in chunk:
         try:
             images[i] = to_rgb(load_image(path))
-        except (ValueError, OSError) as e:
-            records[i] = {"path": path, "error": one_line(e)}
+        except (ValueError, OSError) as e:  # load_image: any undecodable file; to_rgb: a mode Pillow cannot convert
+            records[i] = {"path": path_text(path), "error": path_text(one_line(e))}  # the message names the path
     if images:
         rows = list(images)
         texts = _generate(model, processor, run, [images[i] for i in rows])
@@ -348,7 +354,7 @@ def _generate(model, processor, run: _Run, images, on_text=None) -> list[str]:
 
 def _record(path: str, text: str, boxes: list[Detection], problems: list[str],
             segments: list[Segment] | None = None) -> dict:
-    record = {"path": path, "text": text, "boxes": [b.to_json() for b in boxes], "problems": problems}
+    record = {"path": path_text(path), "text": text, "boxes": [b.to_json() for b in boxes], "problems": problems}
     if segments is not None:  # a segmentation answer decoded with --vae_path: masks as COCO RLE
         record["segments"] = [s.to_json() for s in segments]
     return record

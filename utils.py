@@ -193,6 +193,15 @@ def resolve_model_path(model_path: str | os.PathLike) -> Path:
                               "downloaded checkpoint directory") from None
 
 
+def loads_as_int8(root: str | os.PathLike, quantize: str | None) -> bool:
+    """Whether the checkpoint directory `root` loads with int8 weights: quantize="int8", or a checkpoint saved by
+    quantize.py (whatever `quantize` says). The one place this is decided: load_hf_model, and the command line
+    before it loads (an int8 model's float parts default to bfloat16, see resolve_device_dtype)."""
+    import quantize as quantization  # here, not at the top: quantize.py builds on this module
+
+    return quantization.check_method(quantize) == "int8" or quantization.is_int8_checkpoint(root)
+
+
 def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | None = "cpu",
                   dtype: str | torch.dtype | None = None, progress: bool = True,
                   pack: bool | None = False, quantize: str | None = None
@@ -219,7 +228,7 @@ def load_hf_model(model_path: str | os.PathLike, device: str | torch.device | No
         raise CheckpointError(f"model path {root} is a file; give the checkpoint directory that contains it")
     import quantize as quantization  # here, not at the top: quantize.py builds on this module
 
-    int8 = quantization.check_method(quantize) == "int8" or quantization.is_int8_checkpoint(root)
+    int8 = loads_as_int8(root, quantize)
     dev, dt = resolve_device_dtype(device, dtype, "int8" if int8 else None)
     config = load_config(root)
     tokenizer = load_tokenizer(root, config)

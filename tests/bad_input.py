@@ -1,14 +1,18 @@
 """Helpers shared by the tests of bad input (tests/test_errors_*.py, the error catalogue, and
-tests/test_hostile_*.py): what an error must look like, damaged copies of a checkpoint, a noise JPEG."""
+tests/test_hostile_*.py): what an error must look like, damaged copies of a checkpoint, a noise JPEG, image files
+on which Pillow fails with exceptions other than OSError."""
 
+import io
 import json
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import random_image
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from utils import weight_files
@@ -25,6 +29,29 @@ def jpg_fixture(seed: int):
         random_image(seed, (40, 30)).save(path)
         return path
     return jpg
+
+
+def two_page_tiff(path: Path) -> None:
+    """A 2-page TIFF whose second page lacks its ImageWidth tag: Pillow raises TypeError("Missing dimensions")."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "TIFF", save_all=True, append_images=[Image.new("RGB", (8, 8), "blue")])
+    data = bytearray(buf.getvalue())
+    first = struct.unpack("<I", data[4:8])[0]
+    ifd = struct.unpack("<I", data[first + 2 + 12 * struct.unpack("<H", data[first:first + 2])[0]:][:4])[0]
+    for k in range(struct.unpack("<H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack("<H", data[entry:entry + 2])[0] == 256:  # ImageWidth -> an unknown tag
+            data[entry:entry + 2] = struct.pack("<H", 0x9999)
+    path.write_bytes(bytes(data))
+
+
+def dds_unknown_format(path: Path) -> None:
+    """A DDS file whose pixel-format flags are 0: Pillow raises NotImplementedError("Unknown pixel format ...")."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "DDS")
+    data = bytearray(buf.getvalue())
+    data[80:84] = struct.pack("<I", 0)  # DDS_PIXELFORMAT.dwFlags
+    path.write_bytes(bytes(data))
 
 
 # ---------------------------------------------------------------------------------------------------------------

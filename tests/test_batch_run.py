@@ -7,13 +7,17 @@ Equal bytes across runs that batch the images differently need greedy answers th
 `clear_choices` checks each image's tokens for near ties first (conftest.assert_no_near_ties, as test_many.py)."""
 
 import contextlib
+import errno
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from bad_input import one_error
 from conftest import ROOT, assert_no_near_ties, random_image
 from conftest import cli_in_process as cli
 
@@ -91,7 +95,8 @@ def test_torchrun_two_ranks_write_the_single_process_file(ckpt, image_list, expe
     assert out.read_bytes() == expected.read_bytes()
     assert run.stdout.startswith(f"{out}: 10 images, 10 answered now") and "2 processes" in run.stdout
     assert "note: 1 images could not be read" in run.stderr and "Traceback" not in run.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.jsonl"]  # parts and temporary files gone
+    # Parts and temporary files gone; the settings stay beside the output, so a rerun can check them.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.jsonl", "dist.jsonl.run.json"]
 
 
 def test_rank_killed_mid_write_is_restarted_and_resumes(ckpt, image_list, expected, tmp_path):
@@ -140,9 +145,89 @@ def test_interrupted_run_resumes_with_its_torn_line_redone(ckpt, image_list, exp
     assert "0 answered now" in stdout and "loaded" not in err and out.read_bytes() == expected.read_bytes()
 
 
+def test_finished_output_keeps_its_settings(ckpt, image_list, expected, tmp_path, capsys):
+    """A finished output keeps its settings beside it (OUT.run.json): a rerun with others is refused before any
+    line counts, and so is one whose record is damaged or missing; nothing is changed."""
+    out, record = tmp_path / "out.jsonl", tmp_path / "out.jsonl.run.json"
+    shutil.copy(expected, out)
+    shutil.copy(expected.with_name("single.jsonl.run.json"), record)
+    settings = json.loads(record.read_text())
+    assert settings["prompt"] == "caption en" and settings["vae_path"] is None and settings["dtype"] == "torch.float32"
+    base = args(ckpt, image_list, out)
+    code, stdout, err = cli(capsys, *base[:3], "detect cat", *base[4:])
+    line = one_error(code, stdout, err, 2, f"the answers in {out} were made with other settings (prompt: "
+                     "'caption en')", f"delete {out} and {record} to start over")
+    assert "loaded" not in err and out.read_bytes() == expected.read_bytes(), line
+    for damaged, needle in [(b"", "is damaged"), (b"[1]", "is damaged"), (b'{"prompt": "caption en"}', "is damaged"),
+                            (None, f"({record} is missing)")]:
+        record.unlink()
+        if damaged is not None:
+            record.write_bytes(damaged)
+        one_error(*cli(capsys, *base), 2, str(record) if damaged is not None else str(out), needle, "to start over")
+        assert out.read_bytes() == expected.read_bytes() and not (tmp_path / "out.jsonl.parts").exists()
+    # With no answer on disk there is nothing to mix up: once the output is deleted, a run starts over.
+    out.unlink()
+    code, stdout, _ = cli(capsys, *base[:3], "detect cat", *base[4:], "--max_tokens_to_generate", 1)
+    assert code == 2 and "10 answered now" in stdout and json.loads(record.read_text())["prompt"] == "detect cat"
+
+
+def test_full_disk_is_one_line_naming_the_file(ckpt, image_list, expected, tmp_path, capsys, monkeypatch):
+    """ENOSPC while appending to a part file, then while writing the merged output: one error line naming the
+    file (exit 2), nothing half-written; the rerun finishes the same file."""
+    out = tmp_path / "out.jsonl"
+    append, calls = batch_run._append, []
+
+    def append_then_full(f, data):
+        calls.append(data)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        append(f, data)
+
+    with monkeypatch.context() as m:
+        m.setattr(batch_run, "_append", append_then_full)
+        one_error(*cli(capsys, *args(ckpt, image_list, out, "--batch_size", 5)), 2,
+                  f"cannot write {tmp_path / 'out.jsonl.parts' / 'rank-00000.jsonl'} (No space left on device)")
+    replace = os.replace
+
+    def replace_but_output(src, dst):
+        if Path(dst) == out:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace_but_output)
+        one_error(*cli(capsys, *args(ckpt, image_list, out, "--batch_size", 5)), 2,
+                  f"cannot write {out} (No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.parts", "out.jsonl.run.json"]  # no temp file
+    code, stdout, _ = cli(capsys, *args(ckpt, image_list, out))
+    assert code == 2 and "0 answered now" in stdout and out.read_bytes() == expected.read_bytes()
+
+
+def test_file_names_that_are_not_utf8_are_valid_json(ckpt, image_list, tmp_path, capsys, monkeypatch):
+    """A Latin-1 file name (byte 0xE9) reaches Python as '\\udce9', which no UTF-8 writer takes: the "path" holds
+    the text "\\xe9" instead, on stdout and in --output alike, and a rerun still finds the image answered."""
+    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, images, *a, **k: ["a cow"] * len(prompts))
+    shutil.copy(image_list.parent / "imgs" / "0.png", tmp_path / os.fsdecode(b"caf\xe9.png"))
+    paths = [tmp_path / os.fsdecode(b"caf\xe9.png"), tmp_path / os.fsdecode(b"gone\xe9.png")]
+    code, stdout, _ = cli(capsys, "--model_path", ckpt, "-i", *paths)
+    records = [json.loads(line) for line in stdout.encode("utf-8").splitlines()]  # strict: no lone surrogate
+    assert [r["path"] for r in records] == [f"{tmp_path}/caf\\xe9.png", f"{tmp_path}/gone\\xe9.png"] and code == 2
+    assert records[0]["text"] == "a cow" and "gone\\xe9.png does not exist" in records[1]["error"]
+    out = tmp_path / "out.jsonl"
+    code, summary, err = cli(capsys, "--model_path", ckpt, "-i", *paths, "--output", out)
+    assert code == 2 and out.read_bytes() == stdout.encode("utf-8"), err
+    code, summary, err = cli(capsys, "--model_path", ckpt, "-i", *paths, "--output", out)
+    assert "0 answered now" in summary and "loaded" not in err
+
+
 def test_output_and_list_mistakes_are_one_line_errors(ckpt, image_list, tmp_path, capsys, monkeypatch):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "real.jsonl")
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbfimgs/0.png\n")  # a UTF-8 byte-order mark, as Windows editors write
+    assert batch_run.read_image_list(bom, None) == [os.path.join(tmp_path, "imgs/0.png")]
     cases = [
         (("--image_list", tmp_path / "none.txt"), "--image_list"),
         (("--image_list", image_list, "--image_file_path", "x.png"), "not both"),
@@ -150,6 +235,11 @@ def test_output_and_list_mistakes_are_one_line_errors(ckpt, image_list, tmp_path
         (("--image_list", image_list, "--output", tmp_path / "no" / "o.jsonl"), "does not exist"),
         (("--image_list", image_list, "--output", image_list.parent / "imgs" / "1.png"), "one of the input images"),
         (("--image_list", blank), "names no images"),
+        # The merged output is renamed onto --output: it must not replace a device, a FIFO, a symlink or the list.
+        (("--image_list", image_list, "--output", "/dev/null"), "--output /dev/null exists and is not a regular file"),
+        (("--image_list", image_list, "--output", tmp_path / "fifo.jsonl"), "is not a regular file"),
+        (("--image_list", image_list, "--output", tmp_path / "link.jsonl"), "is not a regular file (a symlink"),
+        (("--image_list", image_list, "--output", image_list), "is the --image_list file"),
     ]
     for extra, needle in cases:
         code, out, err = cli(capsys, "--model_path", ckpt, *map(str, extra))

@@ -1,8 +1,10 @@
 """The CLI, run as a subprocess with the seed's exact flags, prints what greedy generation in Python prints."""
 
 import pytest
-from conftest import CHECKPOINTS, random_image, run_cli
+import torch
+from conftest import CHECKPOINTS, cli_in_process, random_image, run_cli
 
+import quantize
 from inference import generate, load_image, make_processor
 from utils import load_hf_model
 
@@ -21,6 +23,21 @@ def test_seed_command_prints_greedy_text(checkpoint, tmp_path, name):
     assert expected.strip(), "greedy output should not be empty on the fixture"
     assert run.stdout == expected + "\n"
     assert "loaded" in run.stderr  # diagnostics go to stderr, never stdout
+
+
+def test_saved_int8_checkpoint_runs_as_the_library_loads_it(ckpt, tmp_path, capsys):
+    """A checkpoint written by quantize.py is int8 without --quantize: the command line decides its dtype as
+    load_hf_model does (bfloat16 float parts), so the answers are the library's (it used to run them in float32)."""
+    int8, _ = load_hf_model(ckpt, "cpu", quantize="int8", progress=False)
+    saved = quantize.save_int8_checkpoint(int8, ckpt, tmp_path / "int8")
+    image = tmp_path / "img.png"
+    random_image(5, (60, 40)).save(image)
+    model, tok = load_hf_model(saved, "cpu", progress=False)
+    want = generate(model, make_processor(model, tok), ["caption en"], [load_image(str(image))], 12)[0]
+    code, out, err = cli_in_process(capsys, "--model_path", saved, "-p", "caption en", "-i", image,
+                                    "--max_tokens_to_generate", 12, "--stream", "False")
+    assert code == 0 and f"loaded {saved} on cpu as torch.bfloat16" in err, err
+    assert out == want + "\n" and model.dtype == torch.bfloat16
 
 
 def test_bad_flag_is_one_error_line(ckpt, tmp_path):

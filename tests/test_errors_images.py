@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_input import FAST, assert_error, assert_ok, jpg_fixture
+from bad_input import FAST, assert_error, assert_ok, dds_unknown_format, jpg_fixture, two_page_tiff
 from cli_runs import cli_run
 from conftest import random_image
 from PIL import Image
@@ -43,6 +43,10 @@ BAD_IMAGES = {
     "zero-bytes": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
     "truncated-jpeg": (lambda p: _truncated(p, "JPEG"), "is truncated or corrupt"),
     "truncated-png": (lambda p: _truncated(p, "PNG"), "is truncated or corrupt"),
+    # Damaged files on which Pillow raises TypeError / NotImplementedError instead of OSError: still the image's
+    # fault (exit 2), not "unexpected TypeError ... report it" (exit 1).
+    "two-page-tiff": (two_page_tiff, "is truncated or corrupt (Missing dimensions)"),
+    "dds-unknown-format": (dds_unknown_format, "is truncated or corrupt (Unknown pixel format"),
     # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both are refused.
     "bomb-1x": (lambda p: _png_claiming(p, 10000, 10000), "too large to decode safely"),
     "bomb-2x": (lambda p: _png_claiming(p, 20000, 10000), "too large to decode safely"),

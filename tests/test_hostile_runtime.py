@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from bad_input import FAST, error_line, jpg_fixture, one_error
 from conftest import cli_command, cli_in_process, random_image, run_cli
 
@@ -99,3 +100,13 @@ def test_describe_maps_signals():
     assert cli_checks.describe(cli_checks.Stopped(signal.SIGTERM), "loading the model") == (
         143, "stopped by SIGTERM while loading the model")
     assert cli_checks.describe(KeyboardInterrupt(), "generating") == (130, "interrupted while generating")
+
+
+def test_describe_takes_a_programs_own_out_of_memory_hint():
+    """inference.py's advice names its own flags (--dtype, --max_tokens_to_generate); another program (finetune.py)
+    passes its own."""
+    e = torch.OutOfMemoryError("CUDA out of memory")
+    assert cli_checks.describe(e, "training", oom_hint="lower --batch_size") == (
+        1, "out of memory while training (CUDA out of memory); lower --batch_size")
+    assert cli_checks.describe(e, "loading the model")[1].endswith(
+        "; try --dtype bfloat16 (half of float32), a smaller checkpoint, or a device with more memory")

@@ -4,14 +4,17 @@ interpreter start-up each); the folder run is a real subprocess."""
 
 import inspect
 import json
+import os
 
 import numpy as np
 import pytest
+from bad_input import dds_unknown_format, two_page_tiff
 from conftest import assert_no_near_ties, random_image, run_cli
 from conftest import cli_in_process as cli
 from PIL import Image
 
 import inference
+from cli_checks import UsageError, output_image_paths
 from processing_paligemma import draw_detections, parse_detections
 
 SIZES = [(64, 48), (30, 90), (120, 40), (50, 50)]
@@ -100,6 +103,46 @@ def test_boxes_are_in_each_images_own_pixels(ckpt, folder, capsys, monkeypatch, 
         expected = draw_detections(inference.load_image(line["path"]), parse_detections(answer, w, h)[0])
         assert np.array_equal(np.asarray(drawn), np.asarray(expected))
     assert sorted(p.name for p in out_dir.iterdir()) == ["a.png", "b.png", "d.png", "e.png"]
+
+
+def test_damaged_images_raising_other_exceptions_are_error_lines(ckpt, folder, capsys, monkeypatch, tmp_path):
+    """Pillow raises TypeError, NotImplementedError, ... (not OSError) on some damaged files: each is that image's
+    error record like any unreadable image, and an --output run finishes (it used to stop at such an image, every
+    rerun again)."""
+    two_page_tiff(tmp_path / "two.tif")
+    dds_unknown_format(tmp_path / "x.dds")
+    monkeypatch.setattr(inference, "generate", lambda model, proc, prompts, images, *a, **k: ["a cow"] * len(prompts))
+    out = tmp_path / "out.jsonl"
+    code, summary, err = cli(capsys, "--model_path", ckpt, "-i", tmp_path / "two.tif", folder / "a.png",
+                             tmp_path / "x.dds", "--output", out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 2 and "2 unreadable" in summary and "Traceback" not in err and records[1]["text"] == "a cow"
+    assert records[0]["error"].startswith(f"image file {tmp_path / 'two.tif'} is truncated or corrupt (Missing dim")
+    assert "is truncated or corrupt (Unknown pixel format flags 0)" in records[2]["error"]
+
+
+def test_output_image_directory_is_checked_in_linear_time(tmp_path, monkeypatch):
+    """--output_image DIR for N images: one stat per target, and one per input only when some target exists (it
+    was N x N samefile calls: 99 s for 4000 images); an input that is a target (a hard link) is still refused."""
+    n = 200
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    paths = [str(tmp_path / "in" / f"{i}.jpg") for i in range(n)]
+    for path in paths:
+        open(path, "wb").close()
+    stat, calls = os.stat, []
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: calls.append(str(path)) or stat(path, *a, **k))
+    assert len(output_image_paths(tmp_path / "out", paths, True)) == n
+    assert not [c for c in calls if c.startswith(str(tmp_path / "in"))]  # a fresh directory: no input stat'ed
+    for i in range(n):
+        open(tmp_path / "out" / f"{i}.png", "wb").close()
+    calls.clear()
+    output_image_paths(tmp_path / "out", paths, True)
+    assert len(calls) <= 2 * n + 10, len(calls)
+    os.unlink(tmp_path / "out" / "7.png")
+    os.link(paths[9], tmp_path / "out" / "7.png")
+    with pytest.raises(UsageError, match=f"--output_image {tmp_path / 'out' / '7.png'} is the input image {paths[9]}"):
+        output_image_paths(tmp_path / "out", paths, True)
 
 
 def test_single_image_json_and_drawing(ckpt, capsys, monkeypatch, tmp_path):
