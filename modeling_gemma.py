@@ -348,9 +348,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         """Token embeddings with the image features placed at the <image> positions. (B, T, D)"""
         embed_tokens = self.language_model.model.embed_tokens
         is_image = input_ids == self.config.image_token_index
-        # <image> may lie beyond the embedding rows (a custom vocab): look up row 0 there, replaced below anyway.
-        # Inside the vocabulary (every released checkpoint) its own row is looked up, as transformers does: a
-        # generated <image> token, with no pixel_values, is then embedded as any other token, not as row 0.
+        # Beyond the embedding rows (a custom vocab) <image> looks up row 0, replaced below; inside (every released
+        # checkpoint) its own row, as in transformers: a generated <image> (no pixel_values) is any other token.
         beyond_vocab = self.config.image_token_index >= self.config.text_config.vocab_size
         ids = input_ids.masked_fill(is_image, 0) if beyond_vocab else input_ids
         x = embed_tokens(ids).to(compute_dtype or self.dtype)
@@ -439,9 +438,8 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         if not torch.compiler.is_compiling():  # compiled decode steps come from generate_ids, already checked
             self.check_inputs(input_ids, pixel_values, attention_mask, kv_cache, input_pos, position_ids,
                               token_type_ids, labels)
-        if labels is not None and token_type_ids is None and prefix_len is None:
-            # Without them the whole sequence, suffix included, would be one bidirectional block: every position
-            # would see the tokens it is trained to predict (a near-zero loss that teaches nothing).
+        if labels is not None and token_type_ids is None and prefix_len is None:  # else one bidirectional block:
+            # every position would see the tokens it is trained to predict (a near-zero loss that teaches nothing)
             raise ValueError("labels need token_type_ids (1 on the suffix) or prefix_len, so the suffix attends "
                              "causally; PaliGemmaProcessor(..., suffix=...) returns them")
         prefix_mask = None
