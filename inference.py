@@ -110,7 +110,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("device", str, None, "cpu, cuda, cuda:N or mps.", metavar="DEVICE",
          shown_default="CUDA, else MPS, else CPU"),
     Flag("dtype", str, None, "float32, bfloat16 or float16.", metavar="DTYPE",
-         shown_default="float32 on CPU, bfloat16 on CUDA/MPS"),
+         shown_default="float32 on CPU, bfloat16 on CUDA/MPS and for int8 weights"),
     Flag("top_k", int, 0, "keep only the k most likely tokens when sampling (0 = off).",
          valid=SAMPLING_RULES["top_k"]),
     Flag("seed", int, None, "random seed for sampling, for reproducible output.", shown_default="a random seed",
@@ -132,7 +132,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("quantize", str, None, "int8: int8 weights with per-output-channel scales, quantized while loading a "
          "float checkpoint (half the bytes of bfloat16; faster CPU decode; logits move, see README). A checkpoint "
          "saved by quantize.py is int8 without this flag.", metavar="METHOD", shown_default="none"),
-    Flag("compile", bool, False, "CUDA only: compile the decode step into one CUDA graph per token "
+    Flag("compile", bool, False, "CUDA only: compile the prefill and each decoded token into CUDA graphs "
          "(torch.compile); the first call compiles for a while, so it pays for long answers and many images. "
          "Ignored elsewhere.", short="c"),
     Flag("output", str, None, "write the JSON lines to this file instead of stdout (stdout gets a summary); "
