@@ -259,8 +259,12 @@ class Job:
             return
         answers = f"the answers in {_listed(holders)}"
         start_over = f"give another --output, or delete {_listed([*holders, self.manifest])} to start over"
+        legacy = self.parts / "run.json"  # where versions before OUT.run.json kept them (without vae_path)
+        source = legacy if not self.manifest.exists() and legacy.is_file() else self.manifest
         try:
-            before = json.loads(self.manifest.read_bytes())
+            before = json.loads(source.read_bytes())
+            if source is legacy and isinstance(before, dict):
+                before.setdefault("vae_path", self.settings.get("vae_path"))  # not recorded then: cannot differ
         except FileNotFoundError:
             raise UsageError(f"{answers} have no record of the settings they were made with ({self.manifest} is "
                              f"missing); {start_over}") from None
@@ -275,6 +279,8 @@ class Job:
             raise UsageError(f"{answers} were made with other settings ({', '.join(changed)}: "
                              f"{', '.join(repr(before.get(k)) for k in changed)}); rerun with those to finish or "
                              f"reuse them, {start_over}")
+        if source is legacy:
+            _write_atomic(self.manifest, json.dumps(self.settings, sort_keys=True).encode())
 
     def _wait_for_ranks(self) -> None:
         """Until each rank's part file holds its share: counts the new complete lines, reading only what was added

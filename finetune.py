@@ -47,7 +47,7 @@ from finetune_data import batches_per_epoch, collate, micro_batch, read_dataset,
 from generation import make_processor
 from hub_writer import atomic_directory, write_model
 from quantize import is_int8_checkpoint
-from training import IGNORE_INDEX, PRESETS, apply_preset, load_adapter, merge_lora, save_adapter, training_loss
+from training import PRESETS, apply_preset, load_adapter, loss_weight, merge_lora, save_adapter, training_loss
 from utils import load_hf_model, resolve_device_dtype, resolve_model_path
 
 CHECKPOINT = re.compile(r"checkpoint-(\d{6})$")
@@ -61,7 +61,7 @@ LORA_SETTINGS = ("lora_rank", "lora_alpha")
 # Out-of-memory hints in finetune.py's own flags (cli_checks.describe's default names inference.py's --dtype).
 OOM_HINT_TRAINING = ("lower --batch_size (raise --grad_accum to keep the examples per step), add "
                      "--gradient_checkpointing, use --preset lora, or use a device with more memory")
-OOM_HINT_LOADING = "training loads the model in float32: use a smaller checkpoint or a device with more memory"
+OOM_HINT_LOADING = "fine-tuning holds the model in float32: use a smaller checkpoint or a device with more memory"
 
 
 def _in(*choices: str) -> tuple[str, Any]:
@@ -155,18 +155,15 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 
 def check_output_dir(options: Any) -> None:
-    """Before the model loads: --output_dir must not overlap --model_path (final/, merged/ and checkpoint-* are
-    replaced whole, and would take the input's weights with them), is created and must be writable (not found out
-    after the last step), and holds no other run's checkpoints unless --resume continues them. Raises UsageError."""
+    """Before the model loads: the --model_path must not be where --output_dir saves (final/, merged/ and
+    checkpoint-* are replaced whole, and would take the input's weights with them; an --output_dir inside the
+    checkpoint only adds directories to it), the directory is created and must be writable (not found out after
+    the last step), and holds no other run's checkpoints unless --resume continues them. Raises UsageError."""
     out = Path(options.output_dir)
     model = Path(options.model_path)
     if model.exists():  # a hub id is read from the Hugging Face cache, never an output directory
         m, o = model.resolve(), out.resolve()  # symlinks followed: another spelling of the same directory
-        if o == m or o.is_relative_to(m):
-            where = "is" if o == m else "is inside"
-            raise UsageError(f"--output_dir {out} {where} the checkpoint being fine-tuned (--model_path {model}); "
-                             "give an --output_dir outside it")
-        target = m.relative_to(o).parts[0] if m.is_relative_to(o) else ""
+        target = m.relative_to(o).parts[0] if m.is_relative_to(o) and m != o else ""
         if target in ("final", "merged") or CHECKPOINT.fullmatch(target):
             raise UsageError(f"--output_dir {out} would replace {out / target}, which holds the checkpoint being "
                              f"fine-tuned (--model_path {model}); give another --output_dir, or copy the checkpoint "
@@ -179,9 +176,9 @@ def check_output_dir(options: Any) -> None:
     except OSError as e:
         raise UsageError(f"--output_dir {out} cannot be written ({e.strerror or one_line(e)}); give a writable "
                          "directory") from None
-    found = sorted(p.name for p in out.glob("checkpoint-*") if CHECKPOINT.search(p.name))
-    if found and not options.resume:
-        raise UsageError(f"--output_dir {out} already holds {found[-1]} of an earlier run; continue that run with "
+    found = last_checkpoint(out)
+    if found is not None and not options.resume:
+        raise UsageError(f"--output_dir {out} already holds {found.name} of an earlier run; continue that run with "
                          "--resume, or give another --output_dir")
 
 
@@ -267,9 +264,7 @@ class Trainer:
         batch = {k: v.to(self.device) for k, v in collate(examples, self.processor).items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = training_loss(self.model, batch, self.o.loss_reduction)
-        if self.o.loss_reduction == "token":
-            return loss, int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return loss, len(examples)
+        return loss, loss_weight(batch["labels"], self.o.loss_reduction)
 
     def train_step(self) -> float:
         o = self.o

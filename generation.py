@@ -98,8 +98,8 @@ def sample_next_token(
         return logits.argmax(dim=-1)
     # Shifted so the best logit is 0 before dividing: every value is then <= 0, and a tiny temperature sends the
     # others to -inf instead of overflowing to inf - inf = NaN in the softmax (the same distribution otherwise).
-    # A temperature that rounds to 0 in float32 (below ~1e-45) is taken as float32's smallest normal value, which
-    # leaves only the best token(s), as greedy: 0 / 0 would make the best logit NaN.
+    # A temperature below float32's smallest normal value (~1.2e-38; below ~1e-45 it would round to 0, and 0 / 0
+    # make the best logit NaN) is taken as that value: it leaves only the best token(s), as greedy.
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]

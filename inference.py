@@ -226,7 +226,10 @@ def main(*args: Any, **flags: Any) -> None:
             # What decides the answers: a resumed run refuses to mix in answers made with other values.
             settings = {f: getattr(options, f) for f in ("prompt", "max_tokens_to_generate", "do_sample",
                                                          "temperature", "top_p", "top_k", "seed", "quantize")}
-            settings.update(model_path=str(options.model_path), dtype=str(dtype), vae_path=vae_path)
+            # vae_path as given (an hf:// location, not its cache path, which a new snapshot would change); the
+            # checkpoint's own vae-oid.npz when none is given.
+            settings.update(model_path=str(options.model_path), dtype=str(dtype),
+                            vae_path=str(options.vae_path) if options.vae_path else vae_path)
             job = Job(options.output, paths, settings, rank, options.image_list)
             if not job.plan():  # nothing left for this rank: no model to load
                 return _exit_if_failed(job.finish(), len(paths), options.output)
@@ -282,7 +285,7 @@ def _answer_one(model, processor, run: _Run, path, image, stream, as_json, drawi
     """One image: the plain answer (streamed, or all at the end) or one JSON object; the drawing if asked for."""
     shown: list[str] = []
     text = _generate(model, processor, run, [image], _show(shown) if stream else None)[0]
-    segments, seg_problems = read_segments(text, image, run.vae, log)  # (None, []): not segmentation, or no VAE
+    segments, seg_problems = read_segments(text, image.size, run.vae, log)  # (None, []): not segmentation, or no VAE
     if as_json or drawing:
         boxes, problems = parse_detections(text, *image.size)
         problems = problems if segments is None else seg_problems
@@ -327,7 +330,7 @@ def _answer_batch(model, processor, run: _Run, paths, indices, drawings) -> list
         texts = _generate(model, processor, run, [images[i] for i in rows])
         for i, text in zip(rows, texts, strict=True):
             boxes, problems = parse_detections(text, *images[i].size)
-            segments, seg_problems = read_segments(text, images[i], run.vae, log)
+            segments, seg_problems = read_segments(text, images[i].size, run.vae, log)
             records[i] = _record(paths[i], text, boxes, problems if segments is None else seg_problems, segments)
             if drawings:
                 drawn = draw_detections(images[i], boxes) if segments is None else draw_segments(images[i], segments)

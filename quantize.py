@@ -265,7 +265,7 @@ def _quantize_stored(reader: weights.ShardReader, key: str, shape: torch.Size) -
             weights.check_finite(rows, f"{reader.name}: tensor {key}", src)
             # Finite as stored, infinite in float32: a float64 value beyond float32's range would make an inf scale.
             raise CheckpointError(f"{reader.name}: tensor {key} has values beyond float32's range, which int8 scales "
-                                  "cannot hold; re-download the checkpoint, or load it without --quantize")
+                                  "cannot hold; re-download the checkpoint (as it is, it loads only unquantized)")
         # w / scale in ops' reused float32 scratch (the many-row matmuls reuse it later): a fresh 16 MB buffer per
         # tensor fragmented the heap (+100 MB peak).
         work = ops.scratch(torch.Size((m, k)), torch.float32, torch.device("cpu"))

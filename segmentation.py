@@ -400,16 +400,19 @@ def resolve_vae_path(vae_path: str | None, model_path: str | os.PathLike) -> str
         raise VaeError(f"cannot get {vae_path} from the Hugging Face hub ({detail}); {advice}") from None
 
 
-def read_segments(text: str, image: Image.Image, vae: MaskVAE | None, log) -> tuple[list[Segment] | None, list[str]]:
-    """The CLI's view of an answer: (segments, problems) for a segmentation answer when there is a VAE; else
-    (None, []) — and, for a segmentation answer without a VAE, a note through `log` that masks need --vae_path."""
+def read_segments(text: str, size: tuple[int, int], vae: MaskVAE | None, log=None
+                  ) -> tuple[list[Segment] | None, list[str]]:
+    """When an answer has masks: (segments, problems) in an image of size (width, height) for a segmentation
+    answer when there is a VAE; else (None, []) — and, for a segmentation answer without a VAE, a note through
+    `log` (if given: the CLI's, which names its flag) that masks need --vae_path."""
     if "<seg" not in text:
         return None, []
     if vae is None:
-        log("note: the answer holds segmentation masks (<seg> tokens); give --vae_path vae-oid.npz to decode them "
-            "(README, Segmentation)")
+        if log is not None:
+            log("note: the answer holds segmentation masks (<seg> tokens); give --vae_path vae-oid.npz to decode "
+                "them (README, Segmentation)")
         return None, []
-    return parse_segments(text, image.width, image.height, vae)
+    return parse_segments(text, *size, vae)
 
 
 def draw_segments(image: Image.Image, segments: Sequence[Segment], opacity: float = 0.45) -> Image.Image:

@@ -149,7 +149,8 @@ def read_image(url: str, local_root: Path | None, image_size: int) -> tuple[Imag
                    "started with --allow_local_images DIR)", "messages")
     shown = f"image {url!r}"
     try:
-        resolved = (local_root / Path(url.removeprefix("file://")).expanduser()).resolve()
+        # No expanduser: "~" would be the server's home (and "~nobody" a RuntimeError), not a client's folder.
+        resolved = (local_root / Path(url.removeprefix("file://"))).resolve()
     except (ValueError, OSError) as e:  # a NUL byte in the path; a name the system cannot take
         raise _bad(f"{shown} is not a usable file path ({e})", "messages") from None
     # An absolute path replaces local_root; resolve() has followed ".." and links.
@@ -189,15 +190,12 @@ def _sendable(key: str) -> bool:
 def _message(result: Result, size: tuple[int, int], vae) -> dict:
     """The assistant message: the text, plus detections / segments in the image's pixels (size: its original
     (width, height)) as the CLI's --json builds them."""
-    from segmentation import parse_segments
+    from segmentation import read_segments
 
     message: dict[str, Any] = {"role": "assistant", "content": result.text}
     if "<loc" in result.text:
         boxes, problems = parse_detections(result.text, *size)
-        # segmentation.read_segments' decision (masks need <seg> tokens and the VAE), without its note: it names
-        # a CLI flag, and it needs the image, which is no longer held at its original size.
-        segments, seg_problems = (parse_segments(result.text, *size, vae) if vae is not None and "<seg" in result.text
-                                  else (None, []))
+        segments, seg_problems = read_segments(result.text, size, vae)  # no note: it names a CLI flag
         message["detections"] = [b.to_json() for b in boxes]
         message["problems"] = problems if segments is None else seg_problems
         if segments is not None:

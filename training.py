@@ -52,6 +52,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return _reduce(logits[:, :-1][picked], target[picked], picked, reduction)
 
 
+def loss_weight(labels: torch.Tensor, reduction: str = "token") -> int:
+    """How many terms causal_lm_loss's mean is over: labelled tokens after the one-position shift ("token"), or
+    examples ("example"). A mean times its weight is a sum, so means over several batches combine exactly."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum()) if reduction == "token" else labels.shape[0]
+
+
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "token") -> torch.Tensor:
     """model(**batch)["loss"] (with causal_lm_loss's reduction) computed leaner: the tied 257k-wide LM head runs
     only on the labelled positions, not on every image and prompt position, which saves its matmul forward and

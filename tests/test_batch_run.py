@@ -145,6 +145,27 @@ def test_interrupted_run_resumes_with_its_torn_line_redone(ckpt, image_list, exp
     assert "0 answered now" in stdout and "loaded" not in err and out.read_bytes() == expected.read_bytes()
 
 
+def test_a_run_interrupted_before_the_settings_moved_beside_the_output_resumes(ckpt, image_list, expected,
+                                                                              tmp_path, capsys, monkeypatch):
+    """Versions before OUT.run.json kept the settings in OUT.parts/run.json, without vae_path: such a run, resumed
+    with the same settings, finishes (and its record moves beside the output); with others it is refused."""
+    out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
+    append = batch_run._append
+    monkeypatch.setattr(batch_run, "_append", lambda f, data: (append(f, data), (_ for _ in ()).throw(
+        KeyboardInterrupt)))
+    assert cli(capsys, *args(ckpt, image_list, out, "--batch_size", 3))[0] == 130
+    monkeypatch.undo()
+    old = json.loads((tmp_path / "out.jsonl.run.json").read_text())
+    del old["vae_path"]
+    (parts / "run.json").write_text(json.dumps(old))
+    (tmp_path / "out.jsonl.run.json").unlink()
+    code, _, err = cli(capsys, *args(ckpt, image_list, out)[:3], "detect cat", *args(ckpt, image_list, out)[4:])
+    assert code == 2 and "(prompt: 'caption en')" in err, err
+    code, stdout, _ = cli(capsys, *args(ckpt, image_list, out))
+    assert "3 from before" in stdout and out.read_bytes() == expected.read_bytes(), stdout  # exit 2: one bad image
+    assert json.loads((tmp_path / "out.jsonl.run.json").read_text())["prompt"] == "caption en"
+
+
 def test_finished_output_keeps_its_settings(ckpt, image_list, expected, tmp_path, capsys):
     """A finished output keeps its settings beside it (OUT.run.json): a rerun with others is refused before any
     line counts, and so is one whose record is damaged or missing; nothing is changed."""

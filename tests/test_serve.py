@@ -198,13 +198,14 @@ def _body(prompt="caption en", url=None, **extra) -> bytes:
     (_body(url="data:image/png;base64," + "A" * 600_000), KEY, 413, None),
     (b"[" * 100_000, KEY, 400, None),
     (_body(url="img\x00.png"), KEY, 400, "messages"),
+    (_body(url="~nosuchuser1234/x.png"), KEY, 400, "messages"),  # not the server's "~": a relative name
     (_body(n=True), KEY, 400, "n"),
     (_body(n=1.0), KEY, 400, "n"),
     (_body(stop=5), KEY, 400, "stop"),
     (_body(stop=["a", "b", "c", "d", "e"]), KEY, 400, "stop"),
     (_body(stop=[""]), KEY, 400, "stop"),
 ], ids=["json", "base64", "image", "no-image-part", "remote-url", "temperature", "top_p", "max_tokens", "seed",
-        "positions", "no-key", "wrong-key", "too-big", "nested-json", "nul-in-path", "n-true", "n-float",
+        "positions", "no-key", "wrong-key", "too-big", "nested-json", "nul-in-path", "tilde-user", "n-true", "n-float",
         "stop-type", "stop-count", "stop-empty"])
 def test_errors_in_openai_shape_and_server_survives(server, body, key, status, param):
     code, reply = _raw(server, body, key)
