@@ -27,64 +27,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from cli_checks import OutputError, RunFailed, UsageError, log, one_line
+from fileio import fsync_dir, try_lock
+from ranks import STALL_S, Rank, share_plan  # noqa: F401 — Rank: part of this module's API
 
-# Rank 0 gives up waiting when no part file has grown for this long (a rank or host was lost without torchrun
-# noticing); the error exit makes torchrun restart the group, or the user reruns, and the work resumes.
-STALL_S = 30 * 60
 POLL_S = 0.2  # how often rank 0 looks at the other ranks' part files while it waits
-
-
-@dataclass(frozen=True)
-class Rank:
-    """Who this process is in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); one process
-    started without torchrun is rank 0 of 1, not launched."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    launched: bool = False
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Rank:
-        env = os.environ if environ is None else environ
-        if "RANK" not in env or "WORLD_SIZE" not in env:
-            return cls()
-        world = int(env["WORLD_SIZE"])
-        return cls(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", world)),
-                   launched=True)
-
-    def device(self, requested: str | None) -> str | None:
-        """The device this rank runs on: under torchrun with CUDA, cuda:LOCAL_RANK (for no --device, `auto` or
-        `cuda`); otherwise what was asked for. A fixed cuda:N would put every local rank on one GPU: refused."""
-        if not self.launched:
-            return requested
-        if requested in (None, "auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        if requested is not None and str(requested).startswith("cuda:") and self.local_world > 1:
-            raise UsageError(f"--device {requested} would put all {self.local_world} ranks of this host on one GPU; "
-                             "give --device cuda (each rank takes cuda:LOCAL_RANK)")
-        return requested
-
-    def bind(self, device: torch.device) -> None:
-        """Under torchrun: on the CPU, each of this host's ranks gets its part of the cores (torchrun itself sets
-        OMP_NUM_THREADS=1); on CUDA, the rank's GPU becomes the current device, so anything that allocates on
-        "the" GPU (CUDA graphs, caching allocator, kernels launched without a device) uses it, not cuda:0."""
-        if not self.launched:
-            return
-        if device.type == "cpu":
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // self.local_world))
-        elif device.type == "cuda":
-            torch.cuda.set_device(device)
 
 
 def read_image_list(list_file: str, image_file_path) -> list[str]:
@@ -150,6 +102,7 @@ class Job:
         self.shares: list[np.ndarray] = []
         self.part_sizes: dict[Path, int] = {}
         self.started = 0.0
+        self.lock = -1  # rank 0: the descriptor holding OUT.lock (_lock), released when the run is done
 
     @property
     def share(self) -> list[int]:
@@ -163,25 +116,46 @@ class Job:
         plan: object = None
         if self.rank.rank == 0:
             try:
+                self._lock()
                 found = self._scan(repair=True)
                 pending = np.flatnonzero(found.src < 0).astype(np.int64)
                 plan = (np.array_split(pending, self.rank.world), found.part_sizes)
             except ValueError as e:  # every rank exits with the same one-line error
                 plan = e
         if self.rank.world > 1:
-            plan = _share_plan(plan, self.rank)
+            plan = share_plan(plan, self.rank)
         if isinstance(plan, BaseException):
             raise plan
         self.shares, self.part_sizes = plan
         self.started = time.perf_counter()
         return self.share
 
+    def _lock(self) -> None:
+        """Rank 0 holds OUT.lock for the whole run: a second run on the same output (its settings check would pass
+        while this one loads, both would append to one part file and each delete the other's parts) is refused.
+        Under it, a killed run's temporary files (merge, settings) are removed: no run of OUT is writing them."""
+        lock = try_lock(self.output.with_name(self.output.name + ".lock"))
+        if lock is None:
+            raise UsageError(f"another run is writing {self.output} (it holds {self.output.name}.lock); wait for it "
+                             "to end, or give another --output")
+        self.lock = lock
+        for stale in (*self.output.parent.glob(f".{self.output.name}.tmp-*"),
+                      *self.output.parent.glob(f".{self.manifest.name}.tmp-*")):
+            stale.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Let the next run of OUT start (rank 0, done or failed; the process ending does it too). Idempotent."""
+        if self.lock >= 0:
+            os.close(self.lock)
+            self.lock = -1
+
     def answer(self, answer_lines: Callable[[list[int]], list[str]], batch_size: int) -> None:
         """This rank's share, batch_size images at a time: answer_lines(indices) gives their JSON lines, appended to
         the part file as INDEX<TAB>LINE and fsynced before the next batch, so a kill loses at most one batch."""
         share = self.share
         desc = f"rank {self.rank.rank}/{self.rank.world}" if self.rank.launched else "images"
-        with open(self.part, "ab") as f, tqdm(total=len(share), desc=desc, unit="image", file=sys.stderr) as bar:
+        bar = tqdm(total=len(share), desc=desc, unit="image", file=sys.stderr)
+        with open(self.part, "ab", buffering=0) as f, bar:
             for start in range(0, len(share), batch_size):
                 indices = share[start:start + batch_size]
                 lines = answer_lines(indices)
@@ -209,6 +183,7 @@ class Job:
         for part in self.parts.glob("*"):
             part.unlink()
         self.parts.rmdir()
+        self.release()
         failed = int(found.error.sum())
         answered = sum(len(s) for s in self.shares)
         took = time.perf_counter() - self.started
@@ -265,6 +240,8 @@ class Job:
             before = json.loads(source.read_bytes())
             if source is legacy and isinstance(before, dict):
                 before.setdefault("vae_path", self.settings.get("vae_path"))  # not recorded then: cannot differ
+                if os.path.isdir(str(before.get("model_path"))):  # recorded as typed then, resolved now
+                    before["model_path"] = os.path.realpath(before["model_path"])
         except FileNotFoundError:
             raise UsageError(f"{answers} have no record of the settings they were made with ({self.manifest} is "
                              f"missing); {start_over}") from None
@@ -356,9 +333,11 @@ def _read_part(part: Path, paths: Sequence[str], found: _Found, file_id: int) ->
 
 
 def _append(f, data: bytes) -> None:
-    """One batch's lines to a part file, on disk before the next batch starts."""
-    f.write(data)
-    f.flush()
+    """One batch's lines to a part file (opened unbuffered: a write that fails on a full disk leaves nothing in a
+    buffer for close() to fail on again), on disk before the next batch starts."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]
     os.fsync(f.fileno())
 
 
@@ -384,7 +363,7 @@ def _merge(found: _Found, output: Path) -> None:
             if fd >= 0:
                 os.close(fd)
         tmp.unlink(missing_ok=True)
-    _fsync_dir(output.parent)
+    fsync_dir(output.parent)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -396,7 +375,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _cannot_write(path, e) from None
@@ -410,50 +389,3 @@ def _listed(paths: Sequence[Path]) -> str:
 
 def _cannot_write(path: Path, e: OSError) -> OutputError:
     return OutputError(f"cannot write {path} ({e.strerror or one_line(e)}); check the disk space and the directory")
-
-
-def _fsync_dir(directory: Path) -> None:
-    """The rename itself on disk (POSIX: a directory entry is durable once its directory is fsynced)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _share_plan(plan: object, rank: Rank) -> object:
-    """Rank 0's plan on every rank, through torchrun's key-value store (MASTER_ADDR:MASTER_PORT), no process group.
-
-    torchrun keeps one store for all restarts of a job, so a key read by name may be a dead attempt's. Every key
-    here is named by a nonce made fresh in this process: rank r posts its nonce under hello/r; rank 0 answers
-    every nonce it sees there (stale ones too, harmlessly) with the nonce of its plan, until each rank has
-    acknowledged that plan."""
-    import pickle
-    import uuid
-
-    from torch.distributed import TCPStore
-
-    host = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and rank.rank == 0  # else torchrun's agent does
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=host,
-                     timeout=timedelta(seconds=STALL_S), wait_for_workers=False, multi_tenant=True)
-    mine = uuid.uuid4().hex
-    if rank.rank != 0:
-        store.set(f"batch_run/hello/{rank.rank}", mine)
-        theirs = store.get(f"batch_run/reply/{mine}").decode()  # waits for rank 0
-        plan = pickle.loads(store.get(f"batch_run/plan/{theirs}"))
-        store.add(f"batch_run/acks/{theirs}", 1)
-        return plan
-    store.set(f"batch_run/plan/{mine}", pickle.dumps(plan))
-    answered: set[bytes] = set()
-    deadline = time.monotonic() + STALL_S
-    while store.add(f"batch_run/acks/{mine}", 0) < rank.world - 1:
-        for r in range(1, rank.world):
-            if store.check([f"batch_run/hello/{r}"]):
-                nonce = store.get(f"batch_run/hello/{r}")
-                if nonce not in answered:
-                    store.set(f"batch_run/reply/{nonce.decode()}", mine)
-                    answered.add(nonce)
-        if time.monotonic() > deadline:
-            raise RunFailed(f"not every rank asked for the plan within {STALL_S} s; rerun the command")
-        time.sleep(0.05)
-    return plan

@@ -14,6 +14,11 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+try:
+    import fcntl  # POSIX; Windows has no flock, and runs there are not locked
+except ImportError:
+    fcntl = None
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
@@ -38,3 +43,27 @@ def atomic_path(target: str | os.PathLike, fsync: bool = False) -> Iterator[Path
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def fsync_dir(directory: Path) -> None:
+    """A rename itself on disk (POSIX: a directory entry is durable once its directory is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def try_lock(path: Path) -> int | None:
+    """An exclusive lock on `path` (created empty if absent, and left in place: removing a lock file races with
+    the next run opening it): its open descriptor, held until closed or the process ends (also by kill -9), or
+    None when another process holds it. Where flock does not exist, -1: no lock, nothing to close."""
+    if fcntl is None:
+        return -1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

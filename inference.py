@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from batch_run import Job, Rank, path_text, read_image_list
+from batch_run import Job, path_text, read_image_list
 from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -82,6 +82,7 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
 from ops import PACK_MIN_ANSWERS
 from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb
 from quantize import check_method
+from ranks import Rank
 from run_stats import RunStats
 from segmentation import HUB_VAE, Segment, draw_segments, load_vae, read_segments, resolve_vae_path
 from utils import load_hf_model, loads_as_int8, resolve_device_dtype
@@ -183,7 +184,7 @@ def main(*args: Any, **flags: Any) -> None:
     """
     options = Options(**signature_of(FLAGS).bind(*args, **flags).arguments)
     stage = "checking the flags"
-    failed = 0
+    failed, job = 0, None
     try:
         if options.image_list is not None:  # the list stands in for --image_file_path, required otherwise
             options = dataclasses.replace(options, image_file_path=read_image_list(options.image_list,
@@ -228,7 +229,9 @@ def main(*args: Any, **flags: Any) -> None:
                                                          "temperature", "top_p", "top_k", "seed", "quantize")}
             # vae_path as given (an hf:// location, not its cache path, which a new snapshot would change); the
             # checkpoint's own vae-oid.npz when none is given.
-            settings.update(model_path=str(options.model_path), dtype=str(dtype),
+            model_path = str(options.model_path)  # a local directory resolved: "ckpt" means another one elsewhere
+            settings.update(model_path=os.path.realpath(model_path) if os.path.isdir(model_path) else model_path,
+                            dtype=str(dtype),
                             vae_path=str(options.vae_path) if options.vae_path else vae_path)
             job = Job(options.output, paths, settings, rank, options.image_list)
             if not job.plan():  # nothing left for this rank: no model to load
@@ -267,6 +270,9 @@ def main(*args: Any, **flags: Any) -> None:
         code, message = describe(e, stage)
         log(f"error: {message}")
         sys.exit(code)
+    finally:
+        if job is not None:
+            job.release()  # a failed run lets the next run of its output start (from Python too)
     _exit_if_failed(failed, len(paths), options.output)
 
 

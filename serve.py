@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from cli_checks import ImageError, load_image
 from generation import SamplingConfig, make_processor
@@ -255,10 +256,13 @@ def create_app(model, tokenizer, vae=None, api_key: str | None = None, max_batch
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             raise ApiError(413, f"request body over the server's limit of {max_body_mb} MB (--max_body_mb)")
         raw = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a chunked body cannot slip past the limit
-            raw += chunk
-            if len(raw) > max_body:
-                raise ApiError(413, f"request body over the server's limit of {max_body_mb} MB (--max_body_mb)")
+        try:
+            async for chunk in request.stream():  # counted as it arrives: a chunked body cannot slip past the limit
+                raw += chunk
+                if len(raw) > max_body:
+                    raise ApiError(413, f"request body over the server's limit of {max_body_mb} MB (--max_body_mb)")
+        except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log
+            raise ApiError(499, "the client disconnected while sending the request") from None
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -373,6 +377,7 @@ async def _sse(job: Job, finished: asyncio.Future, pieces: asyncio.Queue, head: 
                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
+    getter: asyncio.Future | None = None
     try:
         yield event({"role": "assistant", "content": ""})
         while not (finished.done() and pieces.empty()):
@@ -390,6 +395,8 @@ async def _sse(job: Job, finished: asyncio.Future, pieces: asyncio.Queue, head: 
             yield event({}, outcome.finish_reason, usage=_usage(outcome))
         yield "data: [DONE]\n\n"
     finally:
+        if getter is not None:
+            getter.cancel()  # the client went away while it waited: no pending task left behind
         if not finished.done():  # the client went away mid-stream: free its queue slot or its row
             cancel(job)
 

@@ -206,7 +206,10 @@ class Batcher:
                 raise _AllCancelled
             step = len(steps)
             steps.append(tokens)
-            if not follow:
+            # Rows are followed (one device sync a step) when one streams or has stop strings, or once a client
+            # has left: the batch then ends as soon as every row is finished or abandoned, not at the longest
+            # max_tokens of a client that is gone. A batch of neither only collects the ids.
+            if not follow and not any(job.cancelled for job in batch):
                 return
             for i, token in enumerate(tokens.tolist()):
                 # A row past its own max_tokens is decoded only because a batch-mate asked for more: not its text.
@@ -217,8 +220,9 @@ class Batcher:
                     if stoppers[i] is not None and stoppers[i].stopped:
                         stopped_at[i] = step + 1
                 finished[i] = stopped_at[i] is not None or token in self.eos or step + 1 >= limits[i]
-            # A row cut at its stop string sends no EOS: generate_ids would decode on to max_tokens for it.
-            if any(stopped_at) and all(finished[i] or job.cancelled for i, job in enumerate(batch)):
+            # A row cut at its stop string sends no EOS, and an abandoned one decodes for nobody: generate_ids would
+            # go on to the longest max_tokens for them.
+            if all(finished[i] or job.cancelled for i, job in enumerate(batch)):
                 raise _AllFinished
 
         # Greedy rows share the settings but for max_tokens; a sampled job is alone in its batch.

@@ -7,7 +7,7 @@ its share of the threads, on the same images, checkpoint and settings.
 Writes --images noise images (320x240 JPEG, seeded) and their list into a temporary directory, then runs, one
 after the other, each in fresh processes: `inference.py ... --image_list LIST --output OUT --verbose` as one
 process with --threads threads (OMP_NUM_THREADS), and `torch.distributed.run --standalone --nproc_per_node P`
-with --threads / P threads per rank (batch_run.Rank.bind divides the cores the same way). Greedy
+with --threads / P threads per rank (ranks.Rank.bind divides the cores the same way). Greedy
 decoding, --new-tokens at most (EOS may stop a row earlier: both runs answer the same images, so they stop
 alike). Reports the command's wall time (interpreter start, model load, answering, merge); the images/s of the
 summary line (from rank 0's plan, before its model load, to the merged file); the images/s answering (the images

@@ -22,6 +22,7 @@ from conftest import ROOT, assert_no_near_ties, random_image
 from conftest import cli_in_process as cli
 
 import batch_run
+import fileio
 import inference
 
 N_TOKENS = 6
@@ -95,8 +96,9 @@ def test_torchrun_two_ranks_write_the_single_process_file(ckpt, image_list, expe
     assert out.read_bytes() == expected.read_bytes()
     assert run.stdout.startswith(f"{out}: 10 images, 10 answered now") and "2 processes" in run.stdout
     assert "note: 1 images could not be read" in run.stderr and "Traceback" not in run.stderr
-    # Parts and temporary files gone; the settings stay beside the output, so a rerun can check them.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.jsonl", "dist.jsonl.run.json"]
+    # Parts and temporary files gone; the settings stay beside the output, so a rerun can check them, and the
+    # (empty) lock file that keeps two runs off one output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist.jsonl", "dist.jsonl.lock", "dist.jsonl.run.json"]
 
 
 def test_rank_killed_mid_write_is_restarted_and_resumes(ckpt, image_list, expected, tmp_path):
@@ -192,6 +194,25 @@ def test_finished_output_keeps_its_settings(ckpt, image_list, expected, tmp_path
     assert code == 2 and "10 answered now" in stdout and json.loads(record.read_text())["prompt"] == "detect cat"
 
 
+def test_a_second_run_on_the_same_output_is_refused_and_a_killed_runs_temporaries_go(ckpt, image_list, expected,
+                                                                                      tmp_path, capsys):
+    """While one run holds OUT.lock, another run on OUT (its settings check would pass during the first one's
+    model load) is one error line and writes nothing; once it is free, a run removes a killed run's temporaries."""
+    out = tmp_path / "out.jsonl"
+    held = fileio.try_lock(tmp_path / "out.jsonl.lock")
+    assert held is not None and held >= 0 and fileio.try_lock(tmp_path / "out.jsonl.lock") is None
+    try:
+        one_error(*cli(capsys, *args(ckpt, image_list, out)), 2, f"another run is writing {out}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.lock"]
+    finally:
+        os.close(held)
+    stale = [tmp_path / ".out.jsonl.tmp-host-123", tmp_path / ".out.jsonl.run.json.tmp-456"]
+    for path in stale:
+        path.write_bytes(b"x" * 100)  # what kill -9 leaves in the merge or the settings write
+    cli(capsys, *args(ckpt, image_list, out))
+    assert out.read_bytes() == expected.read_bytes() and not any(p.exists() for p in stale)
+
+
 def test_full_disk_is_one_line_naming_the_file(ckpt, image_list, expected, tmp_path, capsys, monkeypatch):
     """ENOSPC while appending to a part file, then while writing the merged output: one error line naming the
     file (exit 2), nothing half-written; the rerun finishes the same file."""
@@ -219,7 +240,8 @@ def test_full_disk_is_one_line_naming_the_file(ckpt, image_list, expected, tmp_p
         m.setattr(os, "replace", replace_but_output)
         one_error(*cli(capsys, *args(ckpt, image_list, out, "--batch_size", 5)), 2,
                   f"cannot write {out} (No space left on device)")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.parts", "out.jsonl.run.json"]  # no temp file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.lock", "out.jsonl.parts",
+                                                          "out.jsonl.run.json"]  # no temp file
     code, stdout, _ = cli(capsys, *args(ckpt, image_list, out))
     assert code == 2 and "0 answered now" in stdout and out.read_bytes() == expected.read_bytes()
 

@@ -19,6 +19,7 @@ import torch
 import uvicorn
 from conftest import random_image
 
+import serve_batching
 from generation import generate, make_processor
 from serve import create_app
 from utils import load_hf_model
@@ -351,6 +352,44 @@ def test_disconnected_clients_leave_the_queue(server):
             assert wait_for(0)
     finally:
         busy.close()  # its batch stops (test_disconnected_stream_stops_its_batch)
+
+
+def test_a_batch_ends_when_its_only_long_row_loses_its_client(server, monkeypatch):
+    """A (4000 tokens) and B (2) share a batch; A's client leaves: the batch ends once B is done, not after A's
+    4000 steps for nobody. Counted in decode steps of that batch, not in seconds."""
+    address = server["url"].removeprefix("http://")
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    batcher, steps = server["app"].state.batcher, []
+    real = serve_batching.generate_ids
+
+    def counted(*args, on_token, **kwargs):
+        seen = []
+        steps.append(seen)
+        return real(*args, on_token=lambda t: (seen.append(1), on_token(t)), **kwargs)
+
+    monkeypatch.setattr(serve_batching, "generate_ids", counted)
+
+    def send(stream: bool, max_tokens: int) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(address, timeout=120)
+        body = json.loads(_body())
+        body.update(stream=stream, max_tokens=max_tokens)
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        return conn
+
+    busy = send(True, 4000)  # holds the worker, so A and B queue and then run together
+    assert busy.getresponse().readline().startswith(b"data: ")
+    a, b = send(False, 4000), send(False, 2)
+    deadline = time.monotonic() + 10
+    while batcher.waiting() != 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    busy.close()  # its batch stops; A and B start
+    while (batcher.waiting() != 0 or len(steps) < 2 or not steps[-1]) and time.monotonic() < deadline + 10:
+        time.sleep(0.02)
+    a.sock.shutdown(socket.SHUT_RDWR)
+    a.close()
+    reply = json.loads(b.getresponse().read())  # a row's answer comes when its batch ends
+    assert reply["choices"][0]["message"]["content"] == server["alone"]("caption en", random_image(5), 2)
+    assert len(steps[-1]) < 100, f"the batch decoded {len(steps[-1])} steps after its long row's client left"
 
 
 def test_stop_strings_cut_the_answer(server, client):
