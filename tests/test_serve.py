@@ -5,6 +5,7 @@ with the server still answering after it. One server per module (uvicorn in a ba
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import io
 import json
@@ -321,19 +322,21 @@ def test_tokenizing_leaves_the_event_loop_free(server, monkeypatch):
         assert answer.result()[0] == 200
 
 
+def _open_request(server, stream: bool, max_tokens: int) -> http.client.HTTPConnection:
+    """A chat request sent on a connection of its own, its reply not read yet (the test decides when to read or
+    to hang up)."""
+    conn = http.client.HTTPConnection(server["url"].removeprefix("http://"), timeout=120)
+    body = json.loads(_body())
+    body.update(stream=stream, max_tokens=max_tokens)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    return conn
+
+
 def test_disconnected_clients_leave_the_queue(server):
     """Clients that go away while they wait free their places at once (/health and the max_queue check count only
     live requests), streaming or not."""
-    batcher = server["app"].state.batcher
-    address = server["url"].removeprefix("http://")
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
-
-    def send(stream: bool, max_tokens: int) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(address, timeout=60)
-        body = json.loads(_body())
-        body.update(stream=stream, max_tokens=max_tokens)
-        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
-        return conn
+    batcher, send = server["app"].state.batcher, functools.partial(_open_request, server)
 
     def wait_for(waiting: int) -> bool:
         deadline = time.monotonic() + 5
@@ -357,8 +360,6 @@ def test_disconnected_clients_leave_the_queue(server):
 def test_a_batch_ends_when_its_only_long_row_loses_its_client(server, monkeypatch):
     """A (4000 tokens) and B (2) share a batch; A's client leaves: the batch ends once B is done, not after A's
     4000 steps for nobody. Counted in decode steps of that batch, not in seconds."""
-    address = server["url"].removeprefix("http://")
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     batcher, steps = server["app"].state.batcher, []
     real = serve_batching.generate_ids
 
@@ -368,14 +369,7 @@ def test_a_batch_ends_when_its_only_long_row_loses_its_client(server, monkeypatc
         return real(*args, on_token=lambda t: (seen.append(1), on_token(t)), **kwargs)
 
     monkeypatch.setattr(serve_batching, "generate_ids", counted)
-
-    def send(stream: bool, max_tokens: int) -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(address, timeout=120)
-        body = json.loads(_body())
-        body.update(stream=stream, max_tokens=max_tokens)
-        conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
-        return conn
-
+    send = functools.partial(_open_request, server)
     busy = send(True, 4000)  # holds the worker, so A and B queue and then run together
     assert busy.getresponse().readline().startswith(b"data: ")
     a, b = send(False, 4000), send(False, 2)
