@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cli_checks import ImageError, load_image, one_line
+from cli_checks import one_line
+from image_files import ImageError, load_image
 from processing_paligemma import PaliGemmaProcessor, check_prompt, to_rgb
 
 

@@ -42,26 +42,21 @@ from PIL import Image
 from tqdm import tqdm
 
 from batch_run import Job, path_text, read_image_list
-from cli_checks import (  # noqa: F401 — ImageError, load_image: part of this module's API since the seed
+from cli_checks import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
     Flag,
-    ImageError,
     OutputError,
     UsageError,
     args_doc,
     check_options,
     describe,
-    expand_image_paths,
     fire_command,
     help_text,
-    load_image,
     log,
     one_line,
     options_class,
-    output_image_paths,
     parse_argv,
-    save_image,
     signature_of,
     stop_on_signals,
 )
@@ -78,6 +73,13 @@ from generation import (  # noqa: F401 — re-exported: `from inference import .
     make_processor,
     prefill,
     sample_next_token,
+)
+from image_files import (  # noqa: F401 — load_image, ImageError: part of this module's API since the seed
+    ImageError,
+    expand_image_paths,
+    load_image,
+    output_image_paths,
+    save_image,
 )
 from ops import PACK_MIN_ANSWERS
 from processing_paligemma import Detection, check_prompt, draw_detections, parse_detections, to_rgb

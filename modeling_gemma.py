@@ -24,6 +24,7 @@ from torch import nn
 
 from configuration_paligemma import NAMED_CONFIGS, GemmaConfig, PaliGemmaConfig  # noqa: F401 — re-exported
 from kv_cache import KVCache  # noqa: F401 — re-exported: the model makes and reads it
+from model_inputs import check_inputs
 from modeling_siglip import SiglipVisionModel
 from ops import Embedding, Linear, gelu_tanh, linear
 from training import causal_lm_loss
@@ -370,51 +371,6 @@ class PaliGemmaForConditionalGeneration(nn.Module):
             x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
         return x
 
-    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, kv_cache=None, input_pos=None,
-                     position_ids=None, token_type_ids=None, labels=None) -> None:
-        """forward's arguments against what they must be; ValueError / TypeError naming the argument, raised here
-        rather than as an index or shape error deep inside torch. Token values and cache positions are read (a
-        device sync) on the CPU, and elsewhere only for calls of more than one token, so GPU decode stays async."""
-        def need(ok: bool, message: str, error: type[Exception] = ValueError) -> None:
-            if not ok:
-                raise error(message)
-
-        need(isinstance(input_ids, torch.Tensor) and not input_ids.is_floating_point() and not input_ids.is_complex()
-             and input_ids.dtype != torch.bool, "input_ids must be an integer tensor (B, T) of "
-             f"token ids, got {type(input_ids).__name__} {getattr(input_ids, 'dtype', '')}", TypeError)
-        need(input_ids.dim() == 2 and input_ids.numel() > 0,
-             f"input_ids must be 2-D (batch, tokens) and not empty, got shape {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids),
-                        ("token_type_ids", token_type_ids), ("labels", labels)):
-            need(t is None or (isinstance(t, torch.Tensor) and t.shape == input_ids.shape),
-                 f"{name} must have input_ids' shape {(B, T)}, got {tuple(getattr(t, 'shape', ()))}")
-        if pixel_values is not None:
-            vc = self.config.vision_config
-            expected = (vc.num_channels, vc.image_size, vc.image_size)
-            need(isinstance(pixel_values, torch.Tensor) and pixel_values.is_floating_point(),
-                 "pixel_values must be a float tensor (images, 3, S, S); build it with PaliGemmaProcessor", TypeError)
-            need(pixel_values.dim() == 4 and tuple(pixel_values.shape[1:]) == expected,
-                 f"pixel_values must have shape (images, {', '.join(map(str, expected))}) for this model, got "
-                 f"{tuple(pixel_values.shape)}; build it with PaliGemmaProcessor (it resizes to {vc.image_size})")
-        if kv_cache is not None:
-            need(isinstance(kv_cache, KVCache), "kv_cache must be a KVCache (model.new_kv_cache)", TypeError)
-            need(kv_cache.k_cache.shape[1] == B, f"kv_cache was made for batch size {kv_cache.k_cache.shape[1]}, "
-                 f"but input_ids has {B} rows; make one with model.new_kv_cache({B}, max_seq_len)")
-            need(input_pos is not None and input_pos.shape == (T,),
-                 f"with kv_cache, input_pos must be the {T} cache positions of these tokens, shape ({T},)")
-        if input_ids.device.type != "cpu" and T == 1:
-            return
-        vocab = self.config.text_config.vocab_size
-        image_id = self.config.image_token_index
-        low, high = int(input_ids.min()), int(input_ids.masked_fill(input_ids == image_id, 0).max())
-        need(low >= 0 and high < vocab, f"input_ids hold id {low if low < 0 else high}, outside this model's "
-             f"vocabulary 0..{vocab - 1}; encode prompts with the checkpoint's tokenizer (PaliGemmaProcessor)")
-        if kv_cache is not None:
-            last = int(input_pos.max())
-            need(int(input_pos.min()) >= 0 and last < kv_cache.max_seq_len, f"input_pos reaches cache position "
-                 f"{last}, but kv_cache holds {kv_cache.max_seq_len}; make a longer cache (model.new_kv_cache)")
-
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
@@ -436,17 +392,9 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         no loss; adds "loss", the mean cross-entropy over labelled tokens after the one-position shift.
         """
         if not torch.compiler.is_compiling():  # compiled decode steps come from generate_ids, already checked
-            self.check_inputs(input_ids, pixel_values, attention_mask, kv_cache, input_pos, position_ids,
-                              token_type_ids, labels)
-        if labels is not None and token_type_ids is None and prefix_len is None:  # else one bidirectional block:
-            # every position would see the tokens it is trained to predict (a near-zero loss that teaches nothing)
-            raise ValueError("labels need token_type_ids (1 on the suffix) or prefix_len, so the suffix attends "
-                             "causally; PaliGemmaProcessor(..., suffix=...) returns them")
-        prefix_mask = None
-        if token_type_ids is not None:
-            if kv_cache is not None:
-                raise ValueError("token_type_ids are for training without a kv_cache; generation uses prefix_len")
-            prefix_mask = token_type_ids == 0
+            check_inputs(self.config, input_ids, pixel_values, attention_mask, kv_cache, input_pos, position_ids,
+                         token_type_ids, labels, prefix_len)
+        prefix_mask = None if token_type_ids is None else token_type_ids == 0
         x = self.embed(input_ids, pixel_values, compute_dtype)
         out = {"logits": self.language_model(x, attention_mask, kv_cache, input_pos, position_ids, prefix_len,
                                              num_logits_to_keep, prefix_mask)}

@@ -33,8 +33,8 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from cli_checks import ImageError, load_image
 from generation import SamplingConfig, make_processor
+from image_files import ImageError, load_image
 from processing_paligemma import ProcessorError, check_prompt, parse_detections, squash
 from serve_batching import Batcher, Job, Result
 from utils import DTYPES, load_hf_model

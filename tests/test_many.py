@@ -14,7 +14,8 @@ from conftest import cli_in_process as cli
 from PIL import Image
 
 import inference
-from cli_checks import UsageError, output_image_paths
+from cli_checks import UsageError
+from image_files import output_image_paths
 from processing_paligemma import draw_detections, parse_detections
 
 SIZES = [(64, 48), (30, 90), (120, 40), (50, 50)]
