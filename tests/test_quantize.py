@@ -209,3 +209,17 @@ def test_quantize_cli_checks_the_output_before_loading(ckpt, tmp_path, monkeypat
     assert quantize.main([str(tmp_path / "missing"), str(tmp_path / "new")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and not (tmp_path / "new").exists()
+
+
+def test_the_kernels_bf16_scales_are_converted_once_and_follow_the_scales():
+    layer = quantize.Int8Linear(64, 48, bias=False)
+    q, scale = quantize.quantize_rows(torch.randn(48, 64, generator=torch.Generator().manual_seed(0)))
+    layer.weight, layer.weight_scale = q, scale
+    first = quantize.bf16_scale(layer)
+    assert quantize.bf16_scale(layer) is first and torch.equal(first, scale.to(torch.bfloat16))
+    layer.weight_scale.mul_(2)  # changed in place
+    assert torch.equal(quantize.bf16_scale(layer), (scale).to(torch.bfloat16))
+    layer.weight_scale = scale * 3  # replaced
+    assert torch.equal(quantize.bf16_scale(layer), (scale * 3).to(torch.bfloat16))
+    x = torch.randn(1, 1, 64)
+    assert torch.equal(layer(x), quantize.int8_linear(x, layer.weight, layer.weight_scale))
