@@ -202,12 +202,11 @@ def main(*args: Any, **flags: Any) -> None:
         many = many or options.output is not None  # --output is JSON Lines, whatever the count
         drawings = output_image_paths(options.output_image, paths, many)
         rank = Rank.from_env()  # torchrun's RANK, WORLD_SIZE, LOCAL_RANK...; rank 0 of 1 without it
+        # A checkpoint saved by quantize.py is int8 without --quantize: bfloat16 float parts by default, as
+        # load_hf_model decides (a hub id's files are there only after the download: the loader decides).
+        int8 = os.path.isdir(str(options.model_path)) and loads_as_int8(options.model_path, options.quantize)
         device, dtype = resolve_device_dtype(rank.device("cpu" if options.only_cpu else options.device), options.dtype,
-                                             check_method(options.quantize))
-        if os.path.isdir(str(options.model_path)) and loads_as_int8(options.model_path, options.quantize):
-            # A checkpoint saved by quantize.py is int8 without --quantize: bfloat16 float parts by default, as
-            # load_hf_model decides (a hub id's files are there only after the download: the loader decides).
-            dtype = resolve_device_dtype(device, options.dtype, "int8")[1]
+                                             "int8" if int8 else check_method(options.quantize))
         rank.bind(device)  # under torchrun: its share of the CPU cores, or its GPU as the current device
         if rank.launched and options.output is None:
             raise UsageError("under torchrun give --output FILE.jsonl: each rank answers its share into it")
